@@ -1,0 +1,1 @@
+"""jaxjoint: exact pairwise joint distributions derived from masked language models."""
