@@ -33,6 +33,7 @@ class EncoderConfig:
     pad_token_id: int
     # RoBERTa counts positions from pad_token_id + 1 and skips padding.
     padding_aware_positions: bool = False
+    tie_word_embeddings: bool = True
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +67,7 @@ def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
                 layer_norm_eps=1e-12,
                 hidden_act=hf.get("activation", "gelu"),
                 pad_token_id=hf.get("pad_token_id", 0),
+                tie_word_embeddings=hf.get("tie_word_embeddings", True),
             )
         hidden = hf["hidden_size"]
         return EncoderConfig(
@@ -82,6 +84,7 @@ def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
             hidden_act=hf.get("hidden_act", "gelu"),
             pad_token_id=hf.get("pad_token_id", 0) or 0,
             padding_aware_positions=model_type == "roberta",
+            tie_word_embeddings=hf.get("tie_word_embeddings", True),
         )
     except KeyError as missing:
         raise UserError(

@@ -1,0 +1,169 @@
+"""Flax BERT-family encoder with an MLM head applied only where asked.
+
+One post-LayerNorm Transformer encoder serves BERT, RoBERTa, DistilBERT and the
+ELECTRA generator; ``checkpoint.py`` maps each family's PyTorch key names onto
+this module's parameter tree.
+
+Precision: ``dtype`` is the compute dtype of the matrix products. LayerNorm
+statistics, the attention softmax and the output logits are always float32;
+parameters are stored as given (float32 unless the caller casts them).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxjoint.models.config import EncoderConfig
+
+Dtype = Any
+_INIT = nn.initializers.normal(stddev=0.02)  # BERT's initializer range
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+}
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm whose statistics are float32 whatever the compute dtype."""
+
+    eps: float
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+        return y.astype(self.dtype)
+
+
+def _dense(features: int, dtype: Dtype, name: str | None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=_INIT, name=name)
+
+
+class SelfAttention(nn.Module):
+    config: EncoderConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        """x: [B, L, H]; bias: float32[B, 1, 1, L] added to the scores."""
+        c = self.config
+        b, l, _ = x.shape
+
+        def heads(name: str) -> jax.Array:
+            return _dense(c.hidden_size, self.dtype, name)(x).reshape(b, l, c.num_heads, c.head_dim)
+
+        q, k, v = heads("query"), heads("key"), heads("value")
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = scores / math.sqrt(c.head_dim) + bias
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, c.hidden_size)
+        return _dense(c.hidden_size, self.dtype, "out")(ctx)
+
+
+class EncoderLayer(nn.Module):
+    config: EncoderConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+        c = self.config
+        act = ACTIVATIONS[c.hidden_act]
+        x = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(
+            x + SelfAttention(c, self.dtype, name="attention")(x, bias)
+        )
+        h = act(_dense(c.intermediate_size, self.dtype, "mlp_in")(x))
+        return LayerNorm(c.layer_norm_eps, self.dtype, name="mlp_norm")(
+            x + _dense(c.hidden_size, self.dtype, "mlp_out")(h)
+        )
+
+
+def position_ids(config: EncoderConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    """int[B, L] position ids as each family's PyTorch implementation builds them."""
+    if config.padding_aware_positions:
+        # RoBERTa: non-pad tokens count up from pad_token_id + 1, pads stay at pad_token_id.
+        not_pad = (input_ids != config.pad_token_id).astype(jnp.int32)
+        return jnp.cumsum(not_pad, axis=1) * not_pad + config.pad_token_id
+    return jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+
+
+class MaskedLMModule(nn.Module):
+    """Encoder plus MLM head. ``__call__`` returns logits only at ``positions``."""
+
+    config: EncoderConfig
+    dtype: Dtype = jnp.float32
+
+    def setup(self) -> None:
+        c = self.config
+        self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_size, embedding_init=_INIT)
+        self.position_embeddings = nn.Embed(c.max_positions, c.embedding_size, embedding_init=_INIT)
+        if c.type_vocab_size:
+            self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size, embedding_init=_INIT)
+        self.embeddings_norm = LayerNorm(c.layer_norm_eps, self.dtype)
+        if c.embedding_size != c.hidden_size:
+            self.embeddings_project = _dense(c.hidden_size, self.dtype, None)
+        # Flax names these layers_0, layers_1, ...
+        self.layers = [EncoderLayer(c, self.dtype) for _ in range(c.num_layers)]
+        self.head_transform = _dense(c.embedding_size, self.dtype, None)
+        self.head_norm = LayerNorm(c.layer_norm_eps, self.dtype)
+        self.head_bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
+        if not c.tie_word_embeddings:
+            self.head_decoder = self.param(
+                "head_decoder", _INIT, (c.vocab_size, c.embedding_size), jnp.float32
+            )
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """input_ids, attention_mask: int[B, L] -> hidden states [B, L, H] (compute dtype)."""
+        c = self.config
+        x = self.word_embeddings(input_ids) + self.position_embeddings(
+            position_ids(c, input_ids, attention_mask)
+        )
+        if c.type_vocab_size:
+            x = x + self.token_type_embeddings(jnp.zeros_like(input_ids))
+        x = self.embeddings_norm(x.astype(self.dtype))
+        if c.embedding_size != c.hidden_size:
+            x = self.embeddings_project(x)
+        # Same additive mask as the PyTorch models: finite, so padded rows stay finite.
+        bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
+        for layer in self.layers:
+            x = layer(x, bias)
+        return x
+
+    def head(self, hidden: jax.Array) -> jax.Array:
+        """hidden: [..., H] -> float32[..., V] logits."""
+        # RoBERTa's and ELECTRA's heads hard-code exact GELU; BERT's and DistilBERT's follow the config.
+        c = self.config
+        act = ACTIVATIONS["gelu" if c.family in ("roberta", "electra") else c.hidden_act]
+        h = self.head_norm(act(self.head_transform(hidden)))
+        decoder = (
+            self.word_embeddings.embedding if self.config.tie_word_embeddings else self.head_decoder
+        )
+        logits = jnp.einsum(
+            "...e,ve->...v", h, decoder.astype(self.dtype), preferred_element_type=jnp.float32
+        )
+        return logits + self.head_bias
+
+    def __call__(
+        self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array
+    ) -> jax.Array:
+        """input_ids, attention_mask: int[B, L]; positions: int[B, K] -> float32[B, K, V].
+
+        The hidden states are gathered at ``positions`` before the V x H head, so
+        the head costs K, not L, rows per sequence.
+        """
+        hidden = self.encode(input_ids, attention_mask)
+        picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
+        return self.head(picked)

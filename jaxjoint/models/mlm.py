@@ -1,0 +1,153 @@
+"""``MaskedLM``: a loaded checkpoint (module, parameters, tokenizer) and ``load_mlm``."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxjoint.errors import UserError
+from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.checkpoint import Params, load_checkpoint
+from jaxjoint.models.config import EncoderConfig
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass
+class MaskedLM:
+    """A BERT-family masked LM ready to run.
+
+    ``config``: the ``EncoderConfig``; ``params``: the Flax parameter tree (float32);
+    ``tokenizer``: the checkpoint's ``transformers`` tokenizer (or None);
+    ``dtype``: compute dtype name, ``"float32"`` or ``"bfloat16"``.
+    """
+
+    config: EncoderConfig
+    params: Params
+    tokenizer: Any
+    dtype: str = "float32"
+    hf_config: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def module(self) -> MaskedLMModule:
+        return MaskedLMModule(self.config, dtype=DTYPES[self.dtype])
+
+    @property
+    def vocab_size(self) -> int:
+        """V: rows of the embedding matrix, special tokens included."""
+        return self.config.vocab_size
+
+    @property
+    def mask_token_id(self) -> int:
+        if self.tokenizer is not None and self.tokenizer.mask_token_id is not None:
+            return int(self.tokenizer.mask_token_id)
+        if "mask_token_id" in self.hf_config:
+            return int(self.hf_config["mask_token_id"])
+        raise UserError("the checkpoint's tokenizer defines no [MASK] token")
+
+    def with_dtype(self, dtype: str) -> "MaskedLM":
+        """The same model computing in ``dtype`` (parameters are shared, not copied)."""
+        _check_dtype(dtype)
+        return dataclasses.replace(self, dtype=dtype)
+
+    def logits_at(
+        self,
+        input_ids: Any,
+        positions: Any,
+        attention_mask: Any | None = None,
+    ) -> jax.Array:
+        """MLM logits at chosen positions.
+
+        input_ids: int[B, L]; positions: int[B] -> float32[B, V], or int[B, K] ->
+        float32[B, K, V]; attention_mask: int[B, L] (default: all ones).
+        The head runs only at ``positions``; no [B, L, V] tensor is formed.
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        positions = jnp.asarray(positions, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        squeeze = positions.ndim == 1
+        if squeeze:
+            positions = positions[:, None]
+        logits = mlm_logits(self.module, self.params, input_ids, jnp.asarray(attention_mask, jnp.int32), positions)
+        return logits[:, 0] if squeeze else logits
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def mlm_logits(
+    module: MaskedLMModule, params: Params, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array
+) -> jax.Array:
+    """Jitted core of ``MaskedLM.logits_at``: int[B, L], int[B, L], int[B, K] -> float32[B, K, V]."""
+    return module.apply({"params": params}, input_ids, attention_mask, positions)
+
+
+def _check_dtype(dtype: str) -> None:
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+
+
+def _resolve_source(source: str | os.PathLike) -> Path:
+    """A local directory, or the snapshot directory of a hub model (downloaded if needed)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"model path {path} is a file; give the checkpoint directory")
+        return path
+    name = str(source)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise UserError(f"model path {name} does not exist")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(snapshot_download(
+            name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
+        ))
+    except RepositoryNotFoundError:
+        raise UserError(f"no model named {name!r} on the Hugging Face hub, and no such local directory") from None
+    except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
+        raise UserError(
+            f"cannot fetch {name!r} from the Hugging Face hub (offline? {type(err).__name__}); "
+            "download it elsewhere and pass its local directory instead"
+        ) from None
+
+
+def load_mlm(source: str | os.PathLike, *, dtype: str = "float32", allow_pickle: bool = False) -> MaskedLM:
+    """Load a BERT-family masked LM from a local HF checkpoint directory or a hub name.
+
+    ``source``: a directory with ``config.json``, ``model.safetensors`` (or a sharded
+    index) and tokenizer files, or a hub name such as ``"bert-base-cased"``.
+    ``dtype``: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters
+    stay float32. ``allow_pickle``: accept ``pytorch_model.bin`` (runs code on load).
+    """
+    _check_dtype(dtype)
+    directory = _resolve_source(source)
+    config, params, hf = load_checkpoint(directory, allow_pickle=allow_pickle)
+    params = jax.tree_util.tree_map(jnp.asarray, params)
+    return MaskedLM(config=config, params=params, tokenizer=_load_tokenizer(directory), dtype=dtype, hf_config=hf)
+
+
+def _load_tokenizer(directory: Path) -> Any:
+    names = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer_config.json")
+    if not any((directory / n).is_file() for n in names):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load the tokenizer in {directory} ({err})") from None
+
+
+def random_params(config: EncoderConfig, seed: int = 0) -> Params:
+    """Randomly initialised float32 parameters (BERT's N(0, 0.02) initialiser)."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    variables = MaskedLMModule(config).init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), ids[:, :1])
+    return jax.tree_util.tree_map(np.asarray, variables["params"])

@@ -1,0 +1,76 @@
+"""Tiny random Hugging Face checkpoints, built and saved by the tests themselves."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers
+
+SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = (
+    "the a cat dog sat on mat and ran to park man woman saw bird tree house red blue "
+    "big small is was in of with by it he she they we eat ate food water over under "
+    "quick brown fox jumps lazy day night"
+).split()
+
+
+def vocabulary(size: int) -> list[str]:
+    """``size`` WordPiece entries: the specials, words, then filler sub-words."""
+    tokens = SPECIALS + WORDS
+    tokens += [f"##x{i}" for i in range(size - len(tokens))]
+    return tokens[:size]
+
+
+def hf_config(family: str, vocab_size: int = 53, hidden: int = 32, layers: int = 2,
+              heads: int = 4, intermediate: int = 64, max_positions: int = 64, **extra):
+    common = dict(vocab_size=vocab_size, pad_token_id=0, **extra)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(
+            dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=intermediate,
+            max_position_embeddings=max_positions, **common)
+    kwargs = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                  intermediate_size=intermediate, max_position_embeddings=max_positions, **common)
+    if family == "bert":
+        return transformers.BertConfig(**kwargs)
+    if family == "roberta":
+        # RoBERTa positions start at pad_token_id + 1, so it needs two spare rows.
+        kwargs["max_position_embeddings"] = max_positions + 2
+        return transformers.RobertaConfig(**kwargs, type_vocab_size=1)
+    if family == "electra":
+        return transformers.ElectraConfig(embedding_size=hidden // 2, **kwargs)
+    raise ValueError(family)
+
+
+def make_checkpoint(directory: Path, family: str = "bert", seed: int = 0, **sizes) -> Path:
+    """Save a random ``*ForMaskedLM`` (every weight perturbed, not just initialised)
+    and a BERT WordPiece tokenizer over ``vocabulary(V)`` into ``directory``."""
+    torch.manual_seed(seed)
+    config = hf_config(family, **sizes)
+    model = transformers.AutoModelForMaskedLM.from_config(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            # LayerNorm gains near 1, everything else O(0.1): all weights matter.
+            p.copy_(1.0 + 0.1 * noise if "norm" in name.lower() and name.endswith("weight")
+                    else 0.1 * noise)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    (directory / "vocab.txt").write_text("\n".join(vocabulary(config.vocab_size)) + "\n")
+    transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
+    return directory
+
+
+def torch_model(directory: Path):
+    """The transformers PyTorch reference model for a checkpoint directory, float32, eval mode."""
+    return transformers.AutoModelForMaskedLM.from_pretrained(directory, attn_implementation="eager").eval()
+
+
+def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """float32[B, L, V] logits from the PyTorch model."""
+    ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+    mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
