@@ -1,14 +1,33 @@
 """The O(V) stage: the MLM's conditional tables for one pair of positions.
 
-Filled in below: ``PairTables`` (the container every later stage reads).
+For a sentence and positions A, B this runs the 2·V + 1 forward passes of
+DESIGN.md §1: every token at B with A masked, every token at A with B masked,
+and both masked. The substituted sentences are built on the device from the one
+sentence, in chunks sized to a memory budget, with the substitution axis
+sharded over a 1-D device mesh (``sharding.VOCAB_AXIS``); parameters are
+replicated and the V x V tables stay sharded by rows.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
+import math
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jaxjoint.errors import UserError
+from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.checkpoint import Params
+from jaxjoint.models.config import EncoderConfig
+from jaxjoint.models.mlm import MaskedLM, mlm_logits
+from jaxjoint.sharding import VOCAB_AXIS, make_mesh, mesh_size, padded_size, replicated, row_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -90,3 +109,235 @@ def tables_from_logits(
         both_masked_b=jnp.asarray(both_masked_b, jnp.float32),
         vocab_size=v,
     )
+
+
+# --- computing the tables from a model ---------------------------------------------
+
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+# On CPU hosts, where the device reports no memory limit, activations get this much.
+DEFAULT_CPU_BUDGET_BYTES = 1 << 30
+
+
+def bucket_length(length: int, max_positions: int) -> int:
+    """The padded sequence length used for a sentence of ``length`` tokens.
+
+    Sentences are padded to a few fixed lengths so a corpus compiles one program per
+    bucket. Raises ``UserError`` past the model's position table.
+    """
+    if length > max_positions:
+        raise UserError(f"sentence of {length} tokens exceeds the model's {max_positions} positions")
+    for bucket in LENGTH_BUCKETS:
+        if length <= bucket:
+            return min(bucket, max_positions)
+    return max_positions
+
+
+def activation_bytes_per_sequence(config: EncoderConfig, length: int, dtype: str) -> int:
+    """Peak bytes one sequence of the substitution batch needs inside one layer.
+
+    Hidden states and the Q/K/V/context copies (6 x L x H), the feed-forward
+    activation (2 x L x I), float32 attention scores and probabilities
+    (2 x heads x L^2 x 4 bytes), and the float32 logits row at the masked position.
+    """
+    width = 2 if dtype == "bfloat16" else 4
+    per_layer = width * length * (6 * config.hidden_size + 2 * config.intermediate_size)
+    attention = 2 * 4 * config.num_heads * length * length
+    return per_layer + attention + 4 * config.vocab_size
+
+
+def memory_budget_bytes(device: jax.Device) -> int:
+    """Bytes for the substitution batch's activations on one device: a quarter of
+    what the device has left (the tables and parameters need the rest)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_BUDGET_BYTES
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(free // 4, 1 << 26)
+
+
+def default_chunk_size(config: EncoderConfig, length: int, dtype: str, budget_bytes: int) -> int:
+    """Sequences per device per step that fit ``budget_bytes`` of activations (multiple of 8)."""
+    fit = budget_bytes // activation_bytes_per_sequence(config, length, dtype)
+    return int(max(8, min(4096, fit // 8 * 8)))
+
+
+def _chunking(rows: int, max_chunk: int) -> tuple[int, int]:
+    """(number of chunks, chunk size) covering ``rows`` with chunks of at most
+    ``max_chunk``, as even as possible so the last chunk wastes little."""
+    n_chunks = math.ceil(rows / max_chunk)
+    return n_chunks, math.ceil(rows / n_chunks)
+
+
+@functools.partial(jax.jit, static_argnames=("module", "mesh", "n_chunks", "chunk", "rows"))
+def _substitution_table(
+    module: MaskedLMModule,
+    params: Params,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    read_pos: jax.Array,
+    sub_pos: jax.Array,
+    mask_id: jax.Array,
+    *,
+    mesh: Mesh,
+    n_chunks: int,
+    chunk: int,
+    rows: int,
+) -> jax.Array:
+    """float32[rows, V]: row t is the logits at ``read_pos`` with ``read_pos`` = [MASK]
+    and ``sub_pos`` = token t. Rows ``t >= V`` (padding) are ``-inf``.
+
+    ``rows`` is V padded to the mesh size; each device computes its own block of rows
+    in ``n_chunks`` chunks of ``chunk`` sequences built on the device from the one
+    sentence ``input_ids`` int[L]. No communication: parameters are replicated.
+    """
+    vocab = module.config.vocab_size
+    local_rows = rows // mesh_size(mesh)
+
+    def local_block(params, input_ids, attention_mask, read_pos, sub_pos, mask_id):
+        first = jax.lax.axis_index(VOCAB_AXIS) * local_rows
+        # Pad this device's rows to whole chunks; the extra rows are sliced off below.
+        tokens = first + jnp.arange(n_chunks * chunk, dtype=jnp.int32)
+        base = input_ids.at[read_pos].set(mask_id)
+
+        def one_chunk(values):
+            ids = jnp.tile(base[None], (chunk, 1))
+            ids = ids.at[:, sub_pos].set(jnp.where(values < vocab, values, 0))
+            mask = jnp.tile(attention_mask[None], (chunk, 1))
+            positions = jnp.full((chunk, 1), read_pos, jnp.int32)
+            logits = module.apply({"params": params}, ids, mask, positions)[:, 0]
+            return jnp.where((values < vocab)[:, None], logits, -jnp.inf)
+
+        block = jax.lax.map(one_chunk, tokens.reshape(n_chunks, chunk))
+        return block.reshape(n_chunks * chunk, vocab)[:local_rows]
+
+    return jax.shard_map(
+        local_block,
+        mesh=mesh,
+        in_specs=(P(), P(), P(), P(), P(), P()),
+        out_specs=P(VOCAB_AXIS),
+        check_vma=False,
+    )(params, input_ids, attention_mask, read_pos, sub_pos, mask_id)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "vocab"))
+def _assemble(rows_b: jax.Array, logits_b: jax.Array, both_a: jax.Array, both_b: jax.Array,
+              *, mesh: Mesh, vocab: int) -> PairTables:
+    """Turn the [b, a]-indexed substitution table into ``logits_a[a, b]`` (one
+    all-to-all on a mesh) and pad the both-masked logits at A like the rows."""
+    rows = rows_b.shape[0]
+    logits_a = jnp.pad(rows_b[:vocab].T, ((0, rows - vocab), (0, 0)), constant_values=-jnp.inf)
+    shard = row_sharding(mesh)
+    return PairTables(
+        logits_a=jax.lax.with_sharding_constraint(logits_a, shard),
+        logits_b=logits_b,
+        both_masked_a=jax.lax.with_sharding_constraint(
+            jnp.pad(both_a, (0, rows - vocab), constant_values=-jnp.inf), shard),
+        both_masked_b=both_b,
+        vocab_size=vocab,
+    )
+
+
+def pair_tables(
+    mlm: MaskedLM,
+    input_ids: Any,
+    a: int,
+    b: int,
+    *,
+    mesh: Mesh | None = None,
+    chunk_size: int | None = None,
+    dtype: str | None = None,
+) -> PairTables:
+    """The MLM's conditional tables at positions ``a`` and ``b`` of one sentence.
+
+    input_ids: int[L], the sentence with special tokens and gold tokens in place.
+    a, b: distinct positions in ``[0, L)``.
+    mesh: a 1-D mesh over ``VOCAB_AXIS`` (``sharding.make_mesh()``); default one device.
+    chunk_size: sequences per device per step; default from the device's memory.
+    dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; default ``mlm.dtype``.
+
+    Runs 2·V + 1 forward passes (each with the head only at the masked position)
+    and returns ``PairTables`` with rows padded to a multiple of the mesh size and
+    sharded over it.
+    """
+    return _dispatch(mlm, _prepare(mlm, input_ids, a, b), mesh=mesh, chunk_size=chunk_size, dtype=dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """One sentence padded to its bucket, as host arrays ready to send."""
+
+    input_ids: np.ndarray  # int32[Lb]
+    attention_mask: np.ndarray  # int32[Lb]
+    a: int
+    b: int
+
+
+def _prepare(mlm: MaskedLM, input_ids: Any, a: int, b: int) -> _Prepared:
+    ids = np.asarray(input_ids, dtype=np.int32)
+    if ids.ndim != 1:
+        raise UserError(f"input_ids must be one sentence, int[L]; got shape {ids.shape}")
+    length = ids.shape[0]
+    a, b = int(a), int(b)
+    if a == b or not (0 <= a < length and 0 <= b < length):
+        raise UserError(f"positions must be two distinct indices in [0, {length}); got {a} and {b}")
+    if ids.min() < 0 or ids.max() >= mlm.vocab_size:
+        raise UserError(f"input_ids hold ids outside the vocabulary [0, {mlm.vocab_size})")
+    bucket = bucket_length(length, mlm.config.max_positions)
+    padded = np.full(bucket, mlm.config.pad_token_id, np.int32)
+    padded[:length] = ids
+    mask = (np.arange(bucket) < length).astype(np.int32)
+    return _Prepared(padded, mask, a, b)
+
+
+def _dispatch(mlm: MaskedLM, prep: _Prepared, *, mesh: Mesh | None, chunk_size: int | None,
+              dtype: str | None) -> PairTables:
+    """Queue the device work for one prepared sentence; returns without waiting."""
+    mesh = make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    model = mlm if dtype is None else mlm.with_dtype(dtype)
+    vocab = mlm.vocab_size
+    rows = padded_size(vocab, mesh)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(
+            mlm.config, prep.input_ids.shape[0], model.dtype, memory_budget_bytes(mesh.devices.flat[0]))
+    n_chunks, chunk = _chunking(rows // mesh_size(mesh), chunk_size)
+
+    params = mlm.params_on(replicated(mesh))
+    ids = jnp.asarray(prep.input_ids)
+    mask = jnp.asarray(prep.attention_mask)
+    mask_id = jnp.int32(mlm.mask_token_id)
+    a, b = jnp.int32(prep.a), jnp.int32(prep.b)
+    run = functools.partial(
+        _substitution_table, model.module, params, ids, mask,
+        mesh=mesh, n_chunks=n_chunks, chunk=chunk, rows=rows)
+    rows_b = run(a, b, mask_id)  # [b_val, a_val]: A masked, B substituted, read at A
+    logits_b = run(b, a, mask_id)  # [a_val, b_val]: B masked, A substituted, read at B
+    both = mlm_logits(
+        model.module, params,
+        ids.at[prep.a].set(mask_id).at[prep.b].set(mask_id)[None], mask[None],
+        jnp.array([[prep.a, prep.b]], jnp.int32))[0]
+    return _assemble(rows_b, logits_b, both[0], both[1], mesh=mesh, vocab=vocab)
+
+
+def iter_pair_tables(
+    mlm: MaskedLM,
+    pairs: Iterable[tuple[Any, int, int]],
+    *,
+    mesh: Mesh | None = None,
+    chunk_size: int | None = None,
+    dtype: str | None = None,
+    prefetch: int = 1,
+) -> Iterator[PairTables]:
+    """``pair_tables`` for a stream of ``(input_ids int[L], a, b)``, in order.
+
+    Keeps ``prefetch`` pairs queued on the devices ahead of the one handed out, so
+    the next pair's forward passes run while the caller derives joints and metrics
+    from this one (each queued pair holds its two V x V tables in device memory).
+    Sentences share one compiled program per length bucket.
+    """
+    queue: collections.deque[PairTables] = collections.deque()
+    for input_ids, a, b in pairs:
+        queue.append(_dispatch(mlm, _prepare(mlm, input_ids, a, b), mesh=mesh,
+                               chunk_size=chunk_size, dtype=dtype))
+        if len(queue) > prefetch:
+            yield queue.popleft()
+    yield from queue

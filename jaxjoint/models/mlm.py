@@ -34,6 +34,7 @@ class MaskedLM:
     tokenizer: Any
     dtype: str = "float32"
     hf_config: dict = dataclasses.field(default_factory=dict)
+    _placed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def module(self) -> MaskedLMModule:
@@ -52,10 +53,16 @@ class MaskedLM:
             return int(self.hf_config["mask_token_id"])
         raise UserError("the checkpoint's tokenizer defines no [MASK] token")
 
+    def params_on(self, sharding: jax.sharding.Sharding) -> Params:
+        """The parameters placed with ``sharding`` (copied once per sharding, then cached)."""
+        if sharding not in self._placed:
+            self._placed[sharding] = jax.device_put(self.params, sharding)
+        return self._placed[sharding]
+
     def with_dtype(self, dtype: str) -> "MaskedLM":
         """The same model computing in ``dtype`` (parameters are shared, not copied)."""
         _check_dtype(dtype)
-        return dataclasses.replace(self, dtype=dtype)
+        return dataclasses.replace(self, dtype=dtype, _placed=self._placed)
 
     def logits_at(
         self,

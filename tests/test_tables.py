@@ -1,0 +1,145 @@
+"""The tables stage against the transformers PyTorch MLM, and across device counts."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxjoint import UserError, load_mlm
+from jaxjoint.sharding import make_mesh
+from jaxjoint.tables import (
+    bucket_length,
+    default_chunk_size,
+    iter_pair_tables,
+    pair_tables,
+)
+from tests.hf_fixtures import make_checkpoint, torch_model
+
+MASK = 4
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("bert"), "bert", vocab_size=53)
+
+
+@pytest.fixture(scope="module")
+def mlm(bert_dir):
+    return load_mlm(bert_dir)
+
+
+@pytest.fixture(scope="module")
+def reference(bert_dir):
+    return torch_model(bert_dir)
+
+
+def sentence(length, seed):
+    """[CLS] w ... w [SEP]: int[length] with random word ids."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(5, 53, size=length)
+    ids[0], ids[-1] = 2, 3
+    return ids
+
+
+def reference_tables(model, ids, a, b):
+    """float64 tables the obvious way: one PyTorch forward per substituted token."""
+    vocab = model.config.vocab_size
+    def substituted(read, sub):
+        batch = np.tile(ids, (vocab, 1))
+        batch[:, read] = MASK
+        batch[:, sub] = np.arange(vocab)
+        with torch.no_grad():
+            out = model(input_ids=torch.as_tensor(batch)).logits.double().numpy()
+        return out[:, read]  # [sub value, read value]
+    logits_a = substituted(a, b).T  # [a, b]
+    logits_b = substituted(b, a)  # [a, b]
+    both = ids.copy()
+    both[[a, b]] = MASK
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(both[None])).logits.double().numpy()[0]
+    return logits_a, logits_b, out[a], out[b]
+
+
+def assert_rel(got, ref, tol=1e-4):
+    got = np.asarray(got, np.float64)
+    assert np.max(np.abs(got - ref)) <= tol * np.max(np.abs(ref)), np.max(np.abs(got - ref))
+
+
+@pytest.mark.parametrize(
+    "length,a,b",
+    [
+        (7, 1, 5),    # first and last non-special positions
+        (7, 5, 1),    # A after B
+        (12, 4, 5),   # adjacent (contiguous masking)
+        (20, 3, 16),  # random
+        (33, 31, 30),  # longer than the first length bucket; last non-special position
+    ],
+)
+def test_tables_match_pytorch(mlm, reference, length, a, b):
+    ids = sentence(length, seed=length + a)
+    ref_a, ref_b, ref_ma, ref_mb = reference_tables(reference, ids, a, b)
+    t = pair_tables(mlm, ids, a, b, chunk_size=16)  # several chunks, last one partial
+    assert t.logits_a.shape == (53, 53) and t.vocab_size == 53
+    assert_rel(t.logits_a, ref_a)
+    assert_rel(t.logits_b, ref_b)
+    assert_rel(t.both_masked_a, ref_ma)
+    assert_rel(t.both_masked_b, ref_mb)
+    # log-softmax views, against float64 references
+    def log_softmax(x, axis):
+        x = x - x.max(axis=axis, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
+    np.testing.assert_allclose(t.log_q_a, log_softmax(ref_a, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(t.log_q_b, log_softmax(ref_b, 1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(t.log_m_a, log_softmax(ref_ma, 0), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("devices", [1, 7, 8])
+def test_result_does_not_depend_on_device_count(mlm, devices):
+    ids = sentence(15, seed=1)
+    single = pair_tables(mlm, ids, 2, 9)
+    mesh = make_mesh(jax.devices()[:devices])
+    sharded = pair_tables(mlm, ids, 2, 9, mesh=mesh, chunk_size=8)
+    rows = sharded.logits_a.shape[0]
+    assert rows % devices == 0 and rows >= 53  # 53 is prime: always padded past 1 device
+    assert len(sharded.logits_a.sharding.device_set) == devices
+    for name in ("logits_a", "logits_b", "both_masked_a"):
+        got = np.asarray(getattr(sharded, name))
+        np.testing.assert_allclose(got[:53], np.asarray(getattr(single, name)), rtol=1e-6, atol=1e-6)
+        assert np.all(got[53:] == -np.inf)
+    np.testing.assert_allclose(sharded.both_masked_b, single.both_masked_b, rtol=1e-6, atol=1e-6)
+    assert np.all(np.asarray(sharded.log_q_b)[53:] == -np.inf)
+    np.testing.assert_allclose(np.asarray(sharded.log_q_a)[:53], single.log_q_a, rtol=1e-5, atol=1e-6)
+
+
+def test_iterator_matches_single_calls(mlm):
+    pairs = [(sentence(9, 0), 1, 4), (sentence(20, 1), 7, 8), (sentence(11, 2), 9, 2)]
+    streamed = list(iter_pair_tables(mlm, pairs, prefetch=1, chunk_size=32))
+    assert len(streamed) == 3
+    for (ids, a, b), t in zip(pairs, streamed):
+        one = pair_tables(mlm, ids, a, b, chunk_size=32)
+        np.testing.assert_allclose(t.logits_a, one.logits_a, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(t.logits_b, one.logits_b, rtol=1e-6, atol=1e-6)
+
+
+def test_bfloat16_tables_close_to_float32(mlm):
+    ids = sentence(10, 3)
+    f32 = pair_tables(mlm, ids, 2, 6)
+    bf16 = pair_tables(mlm, ids, 2, 6, dtype="bfloat16")
+    err = np.max(np.abs(np.asarray(bf16.logits_a) - np.asarray(f32.logits_a))) / np.max(np.abs(f32.logits_a))
+    assert 0 < err < 3e-2
+
+
+def test_buckets_and_chunk_budget(mlm):
+    assert bucket_length(7, 512) == 16 and bucket_length(16, 512) == 16 and bucket_length(17, 512) == 32
+    assert bucket_length(40, 40) == 40
+    with pytest.raises(UserError, match="exceeds"):
+        bucket_length(513, 512)
+    small = default_chunk_size(mlm.config, 32, "float32", 1 << 20)
+    large = default_chunk_size(mlm.config, 32, "float32", 1 << 26)
+    assert small % 8 == 0 and large > small
+
+
+@pytest.mark.parametrize("a,b", [(3, 3), (-1, 2), (1, 99)])
+def test_bad_positions(mlm, a, b):
+    with pytest.raises(UserError, match="positions"):
+        pair_tables(mlm, sentence(8, 0), a, b)
