@@ -169,7 +169,7 @@ def _chunking(rows: int, max_chunk: int) -> tuple[int, int]:
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mesh", "n_chunks", "chunk", "rows"))
-def _substitution_table(
+def substitution_table(
     module: MaskedLMModule,
     params: Params,
     input_ids: jax.Array,
@@ -307,7 +307,7 @@ def _dispatch(mlm: MaskedLM, prep: _Prepared, *, mesh: Mesh | None, chunk_size: 
     mask_id = jnp.int32(mlm.mask_token_id)
     a, b = jnp.int32(prep.a), jnp.int32(prep.b)
     run = functools.partial(
-        _substitution_table, model.module, params, ids, mask,
+        substitution_table, model.module, params, ids, mask,
         mesh=mesh, n_chunks=n_chunks, chunk=chunk, rows=rows)
     rows_b = run(a, b, mask_id)  # [b_val, a_val]: A masked, B substituted, read at A
     logits_b = run(b, a, mask_id)  # [a_val, b_val]: B masked, A substituted, read at B

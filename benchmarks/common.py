@@ -1,0 +1,110 @@
+"""Shared pieces of the benchmarks: model shapes, timing, the device's measured ceilings, output."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
+
+_BERT = dict(model_type="bert", type_vocab_size=2, max_position_embeddings=512,
+             layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)
+# The real configs of the paper's two models (random weights are enough to time them).
+SHAPES: dict[str, dict[str, Any]] = {
+    "bert-base-cased": dict(_BERT, vocab_size=28996, hidden_size=768, num_hidden_layers=12,
+                            num_attention_heads=12, intermediate_size=3072),
+    "bert-large-cased": dict(_BERT, vocab_size=28996, hidden_size=1024, num_hidden_layers=24,
+                             num_attention_heads=16, intermediate_size=4096),
+}
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "jaxjoint" / "default" / "model"
+
+
+def model_shape(name: str) -> EncoderConfig:
+    """``bert-base-cased``, ``bert-large-cased``, or ``default`` (the embedded model's config)."""
+    if name == "default":
+        return encoder_config_from_hf(json.loads((DEFAULT_MODEL_DIR / "config.json").read_text()))
+    return encoder_config_from_hf(SHAPES[name])
+
+
+def time_call(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall seconds of ``fn()`` after ``warmup`` calls, waiting for the device each time."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def measured_matmul_peak(dtype: str, size: int | None = None) -> float:
+    """FLOP/s of a large square matrix product in ``dtype`` on the default device."""
+    on_cpu = jax.default_backend() == "cpu"
+    n = size or (1024 if on_cpu else 8192)
+    key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+    x = jax.random.normal(key_a, (n, n), jnp.dtype(dtype))
+    y = jax.random.normal(key_b, (n, n), jnp.dtype(dtype))
+    matmul = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.float32))
+    return 2 * n**3 / time_call(lambda: matmul(x, y), repeats=5 if on_cpu else 20)
+
+
+def measured_bandwidth(size_bytes: int | None = None) -> float:
+    """Bytes/s of a large device-to-device copy (bytes read + bytes written)."""
+    on_cpu = jax.default_backend() == "cpu"
+    n = (size_bytes or (1 << 28 if on_cpu else 1 << 32)) // 4
+    x = jax.random.normal(jax.random.PRNGKey(1), (n,), jnp.float32)
+    copy = jax.jit(lambda v: v * 1.0001)  # a multiply, so XLA cannot alias the buffer away
+    return 2 * 4 * n / time_call(lambda: copy(x), repeats=5 if on_cpu else 20)
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    device = jax.devices()[0]
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import flax
+    return {
+        "backend": jax.default_backend(),
+        "device": device.device_kind,
+        "device_count": jax.device_count(),
+        "cpu": cpu,
+        "jax": jax.__version__,
+        "flax": flax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+
+
+def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
+    """A fixed-width table of ``rows`` on stdout."""
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
+
+
+def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")
