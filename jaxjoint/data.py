@@ -1,0 +1,237 @@
+"""Evaluation sentences and the masking protocol of DESIGN.md §2.
+
+A data source is a name or a path:
+
+- ``default`` / ``default-news``: the held-out sets shipped with the embedded
+  default model (``jaxjoint/default/heldout_short.txt``, ``heldout_news.txt``);
+- ``snli`` / ``xsum``: the paper's sets, through ``datasets.load_dataset``
+  (downloaded once, then read from the local cache);
+- a ``.txt`` file (one sentence a line) or a ``.jsonl`` file (a ``text`` field a line).
+
+Blank lines are not sentences. A sentence's ``index`` is its 0-based position in
+the source, and its masked positions depend only on ``(seed, index)``, so a
+resumed run, or any subset of the sentences, picks the same pairs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from jaxjoint.errors import UserError
+from jaxjoint.models.config import EncoderConfig
+
+MASKINGS = ("random", "contiguous")
+DEFAULT_DIR = Path(__file__).parent / "default"
+LOCAL_SETS = {
+    "default": DEFAULT_DIR / "heldout_short.txt",
+    "default-news": DEFAULT_DIR / "heldout_news.txt",
+}
+HUB_SETS = {"snli": "stanfordnlp/snli", "xsum": "EdinburghNLP/xsum"}
+DATA_NAMES = (*LOCAL_SETS, *HUB_SETS)
+MAX_TOKENS = 512  # the paper truncates every sentence to 512 tokens
+# The paper's preprocessing joins SNLI rows in blocks of this many: the block's
+# premises, then its hypotheses. The sentence order, and so "the first 1000
+# sentences", depends on it.
+SNLI_BLOCK_ROWS = 100
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedPair:
+    """One evaluation pair: a tokenized sentence and its two masked positions.
+
+    index: the sentence's position in its data source.
+    text: the sentence as read.
+    input_ids: int[L] with special tokens, gold tokens in place (a tuple).
+    a, b: the positions A and B (A is the one drawn first).
+    """
+
+    index: int
+    text: str
+    input_ids: tuple[int, ...]
+    a: int
+    b: int
+
+    @property
+    def gold(self) -> tuple[int, int]:
+        """The gold tokens ``(a0, b0)`` at A and B."""
+        return self.input_ids[self.a], self.input_ids[self.b]
+
+
+def is_data_name(data: str) -> bool:
+    """True for the built-in data names (``DATA_NAMES``), False for paths."""
+    return data in DATA_NAMES
+
+
+def load_sentences(data: str, limit: int | None = None) -> list[str]:
+    """The first ``limit`` sentences (all when None) of a named set or a file.
+
+    Raises ``UserError`` for an unknown name, a missing, unreadable or empty file,
+    a malformed ``.jsonl`` line, or a hub set that cannot be fetched.
+    """
+    if data in HUB_SETS:
+        sentences = _hub_sentences(data, limit)
+    else:
+        sentences = _file_sentences(_data_path(data))
+    sentences = sentences if limit is None else sentences[:limit]
+    if not sentences:
+        raise UserError(f"data {data!r} holds no sentences")
+    return sentences
+
+
+def _data_path(data: str) -> Path:
+    if data in LOCAL_SETS:
+        path = LOCAL_SETS[data]
+        if not path.is_file():
+            raise UserError(
+                f"the embedded data set {data!r} is missing ({path}); reinstall jaxjoint "
+                "or give a .txt/.jsonl path")
+        return path
+    path = Path(data).expanduser()
+    if path.suffix not in (".txt", ".jsonl"):
+        if not path.exists():
+            raise UserError(
+                f"unknown data {data!r}: give one of {', '.join(DATA_NAMES)} "
+                "or a path to a .txt or .jsonl file")
+        raise UserError(f"data file {data} must end in .txt (a sentence a line) or .jsonl (a 'text' field)")
+    if not path.is_file():
+        raise UserError(f"data file {data} does not exist")
+    return path
+
+
+def _file_sentences(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UserError(f"cannot read data file {path} ({err})") from None
+    if path.suffix == ".txt":
+        return [line.strip() for line in lines if line.strip()]
+    sentences = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (ValueError, TypeError, KeyError):
+            raise UserError(f"{path}:{number}: expected a JSON object with a 'text' field") from None
+        if not isinstance(text, str):
+            raise UserError(f"{path}:{number}: 'text' must be a string")
+        if text.strip():
+            sentences.append(text.strip())
+    return sentences
+
+
+@contextlib.contextmanager
+def _quiet_hub() -> Iterator[None]:
+    """Silence the hub clients' retry warnings: a failure must end in one line."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _hub_sentences(name: str, limit: int | None) -> list[str]:
+    """The paper's protocol (DESIGN.md §2) over a ``datasets`` hub set."""
+    import datasets
+
+    split = "train" if name == "snli" else "validation"
+    try:
+        with _quiet_hub():
+            rows = datasets.load_dataset(HUB_SETS[name], split=split)
+    except Exception as err:  # datasets raises many types for "not reachable"
+        raise UserError(
+            f"cannot load {name!r} ({HUB_SETS[name]}) with datasets: {type(err).__name__}; "
+            "connect once to cache it, or give a local .txt/.jsonl file") from None
+    rows = rows.shuffle(seed=0)
+    if name == "xsum":
+        n = len(rows) if limit is None else min(limit, len(rows))
+        return [str(s).strip() for s in list(rows.select(range(n))["summary"])]
+    # datasets' train_test_split(test_size=f, shuffle=False) keeps the last ceil(f*n)
+    # rows as its test part: 1% held out, then that part's first (train) half.
+    held_out = math.ceil(0.01 * len(rows))
+    start = len(rows) - held_out
+    part = rows.select(range(start, start + held_out - math.ceil(0.5 * held_out)))
+    premises, hypotheses = list(part["premise"]), list(part["hypothesis"])
+    sentences: list[str] = []
+    for first in range(0, len(premises), SNLI_BLOCK_ROWS):
+        block = slice(first, first + SNLI_BLOCK_ROWS)
+        sentences += [str(s).strip() for s in premises[block] + hypotheses[block]]
+        if limit is not None and len(sentences) >= limit:
+            break
+    return sentences
+
+
+# --- the masking protocol ------------------------------------------------------------
+
+
+def max_tokens(config: EncoderConfig) -> int:
+    """Longest sentence (with special tokens) the model takes, at most ``MAX_TOKENS``."""
+    offset = config.pad_token_id + 1 if config.padding_aware_positions else 0
+    return min(MAX_TOKENS, config.max_positions - offset)
+
+
+def choose_positions(special: Sequence[bool], masking: str, rng: np.random.Generator) -> tuple[int, int] | None:
+    """Positions ``(A, B)`` for one sentence, or None when it has too few maskable tokens.
+
+    special: bool[L], True at special tokens ([CLS], [SEP], ...), which are never masked.
+    random: two distinct non-special positions uniformly without replacement, A drawn first.
+    contiguous: A uniform over non-special positions whose right neighbour is non-special; B = A + 1.
+    """
+    free = ~np.asarray(special, bool)
+    if masking == "random":
+        candidates = np.flatnonzero(free)
+        if candidates.size < 2:
+            return None
+        a, b = rng.choice(candidates, size=2, replace=False)
+        return int(a), int(b)
+    if masking == "contiguous":
+        candidates = np.flatnonzero(free[:-1] & free[1:])
+        if candidates.size == 0:
+            return None
+        a = int(rng.choice(candidates))
+        return a, a + 1
+    raise UserError(f"unknown masking {masking!r}; choose one of {', '.join(MASKINGS)}")
+
+
+def sentence_rng(seed: int, index: int) -> np.random.Generator:
+    """The generator for sentence ``index``: independent of every other sentence."""
+    return np.random.default_rng([seed, index])
+
+
+def make_pairs(
+    sentences: Sequence[str],
+    tokenizer: Any,
+    *,
+    masking: str,
+    seed: int,
+    max_length: int,
+) -> tuple[list[MaskedPair], int]:
+    """Tokenize ``sentences`` and choose each one's pair.
+
+    Sentences are truncated to ``max_length`` tokens (special tokens included).
+    Returns the pairs, in sentence order, and how many sentences were skipped for
+    having fewer than two maskable tokens (no adjacent pair, for contiguous masking).
+    """
+    if tokenizer is None:
+        raise UserError("the checkpoint has no tokenizer files; evaluation needs one to read text")
+    pairs, skipped = [], 0
+    for index, text in enumerate(sentences):
+        encoded = tokenizer(text, truncation=True, max_length=max_length, return_special_tokens_mask=True)
+        positions = choose_positions(encoded["special_tokens_mask"], masking, sentence_rng(seed, index))
+        if positions is None:
+            skipped += 1
+            continue
+        pairs.append(MaskedPair(index, text, tuple(int(t) for t in encoded["input_ids"]), *positions))
+    return pairs, skipped
