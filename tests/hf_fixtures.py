@@ -43,9 +43,22 @@ def hf_config(family: str, vocab_size: int = 53, hidden: int = 32, layers: int =
     raise ValueError(family)
 
 
-def make_checkpoint(directory: Path, family: str = "bert", seed: int = 0, **sizes) -> Path:
+# The head's LayerNorm gain, per family: scaling it sharpens the conditionals.
+HEAD_NORM = {
+    "bert": "cls.predictions.transform.LayerNorm.weight",
+    "roberta": "lm_head.layer_norm.weight",
+    "distilbert": "vocab_layer_norm.weight",
+    "electra": "generator_predictions.LayerNorm.weight",
+}
+
+
+def make_checkpoint(directory: Path, family: str = "bert", seed: int = 0, head_gain: float = 1.0,
+                    **sizes) -> Path:
     """Save a random ``*ForMaskedLM`` (every weight perturbed, not just initialised)
-    and a BERT WordPiece tokenizer over ``vocabulary(V)`` into ``directory``."""
+    and a BERT WordPiece tokenizer over ``vocabulary(V)`` into ``directory``.
+
+    Random weights give nearly uniform conditionals; ``head_gain`` multiplies the
+    head's LayerNorm gain (8 gives entropies of about 1 nat, like a trained model's)."""
     torch.manual_seed(seed)
     config = hf_config(family, **sizes)
     model = transformers.AutoModelForMaskedLM.from_config(config).eval()
@@ -56,10 +69,12 @@ def make_checkpoint(directory: Path, family: str = "bert", seed: int = 0, **size
             # LayerNorm gains near 1, everything else O(0.1): all weights matter.
             p.copy_(1.0 + 0.1 * noise if "norm" in name.lower() and name.endswith("weight")
                     else 0.1 * noise)
+        model.get_parameter(HEAD_NORM[family]).mul_(head_gain)
     directory = Path(directory)
     model.save_pretrained(directory)
-    (directory / "vocab.txt").write_text("\n".join(vocabulary(config.vocab_size)) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True).save_pretrained(directory)
+    # transformers 5 ignores vocab_file=; the vocabulary must be passed as a dict.
+    vocab = {token: i for i, token in enumerate(vocabulary(config.vocab_size))}
+    transformers.BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(directory)
     return directory
 
 
