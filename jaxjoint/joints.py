@@ -443,7 +443,8 @@ def derive_joint(
         hcb: ``pivot`` (int token a*; default argmax of mA over real tokens).
         ag: ``iters`` (default 40, the paper's fixed count), or ``tol``: iterate
           until the L1 change of the two marginals is < tol, at most ``max_iters``
-          (default 10000) iterations.
+          (default 10000) iterations. float32 rounding puts a floor of about 1e-7
+          (growing with V) under that change: a smaller tol runs to ``max_iters``.
 
     Returns:
       A lazy ``Joint``; for ag, ``joint.info`` has ``iterations``, ``l1_change``
