@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import machine, print_table, write_json
+from benchmarks.common import machine, measured_bandwidth, print_table, write_json
 from jaxjoint.joints import default_block_rows, derive_joint
 from jaxjoint.tables import tables_from_logits
 
@@ -61,23 +61,6 @@ def dense_log_ag(log_q_a: jax.Array, log_q_b: jax.Array, iters: jax.Array) -> ja
     return jax.lax.fori_loop(0, iters, step, jnp.full((v, v), -2 * jnp.log(v)))
 
 
-def copy_bandwidth(size_bytes: int = 1 << 28, repeats: int = 7) -> float:
-    """Bytes/s (read + written) of ``x * 1.0001`` over a large float32 array.
-
-    The input buffer is donated and the output fed back in, so every call reuses
-    the same memory: a fresh output each call measures page faults on CPU, not memory.
-    """
-    scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    x = scale(jnp.ones(size_bytes // 4, jnp.float32))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        x = scale(x)
-        x.block_until_ready()
-        times.append(time.perf_counter() - start)
-    return 2 * size_bytes / statistics.median(times)
-
-
 def per_iteration(run, extra: int, repeats: int) -> float:
     """Median over ``repeats`` of (time of 1 + extra iterations - time of 1) / extra."""
     jax.block_until_ready(run(1))
@@ -109,7 +92,7 @@ def main() -> None:
     tables = tables_from_logits(logits_a, logits_b, jnp.zeros(v), jnp.zeros(v))
     block_rows = args.block_rows or default_block_rows(tables, None)
 
-    bandwidth = copy_bandwidth()
+    bandwidth = measured_bandwidth()
     fused = per_iteration(
         lambda n: derive_joint(tables, "ag", iters=n, block_rows=block_rows), args.extra, args.repeats
     )
