@@ -1,0 +1,557 @@
+"""``jaxjoint train-mlm``: train a small BERT-style masked LM with flax and optax.
+
+This is how the default model in ``jaxjoint/default/`` was made (its
+``MODEL_CARD.md`` has the exact command). The pipeline:
+
+1. corpus: WordNet glosses and examples, split into training lines and
+   held-out sets by synset (``jaxjoint.corpus``), or any ``--train-file``;
+2. an uncased WordPiece vocabulary trained on the training lines only;
+3. BERT masking (15% of the non-special tokens; of those 80% ``[MASK]``,
+   10% a random token, 10% unchanged), redrawn each epoch;
+4. AdamW, linear warm-up then linear decay to zero, gradient clipping;
+5. checkpoints in Hugging Face format with PyTorch key names, loadable by
+   ``transformers.AutoModelForMaskedLM`` and by ``jaxjoint.models.mlm.load_mlm``.
+
+Everything random derives from ``--seed`` through numpy and JAX generators, so
+the same command on the same machine gives the same parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxjoint.errors import UserError
+from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.checkpoint import save_checkpoint
+from jaxjoint.models.config import EncoderConfig
+
+Params = Any
+# Sequences are padded up to the smallest bucket that holds them: few shapes to
+# compile, and little compute spent on padding (most lines are 10-25 tokens).
+BUCKETS = (16, 24, 32, 48, 64, 128)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Model shape and optimisation settings of one training run."""
+
+    vocab_size: int = 4096
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 512
+    max_length: int = 128
+    steps: int = 6000
+    batch_tokens: int = 8192  # padded tokens per step; batch rows = batch_tokens // bucket
+    learning_rate: float = 1e-3
+    warmup_fraction: float = 0.05
+    weight_decay: float = 0.01
+    clip_norm: float = 1.0
+    mask_prob: float = 0.15
+    seed: int = 0
+
+    def encoder_config(self, pad_token_id: int = 0) -> EncoderConfig:
+        """The ``EncoderConfig`` of the BERT model this run trains."""
+        return EncoderConfig(
+            family="bert",
+            vocab_size=self.vocab_size,
+            hidden_size=self.hidden_size,
+            embedding_size=self.hidden_size,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_size=self.intermediate_size,
+            max_positions=self.max_length,
+            type_vocab_size=2,
+            layer_norm_eps=1e-12,
+            hidden_act="gelu",
+            pad_token_id=pad_token_id,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecialIds:
+    """Token ids the masking needs."""
+
+    pad: int
+    cls: int
+    sep: int
+    mask: int
+    unk: int
+
+    @classmethod
+    def of(cls, tokenizer: Any) -> "SpecialIds":
+        return cls(tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
+                   tokenizer.mask_token_id, tokenizer.unk_token_id)
+
+    def all(self) -> tuple[int, ...]:
+        return (self.pad, self.cls, self.sep, self.mask, self.unk)
+
+
+def tokenize_lines(tokenizer: Any, lines: Sequence[str], max_length: int) -> list[np.ndarray]:
+    """Token ids ``[CLS] ... [SEP]`` of each line, truncated to ``max_length``: list of int32[n_i]."""
+    enc = tokenizer(list(lines), add_special_tokens=True, truncation=True, max_length=max_length)
+    return [np.asarray(ids, np.int32) for ids in enc["input_ids"]]
+
+
+def _bucket_of(length: int, max_length: int) -> int:
+    for b in BUCKETS:
+        if length <= b:
+            return min(b, max_length)
+    return max_length
+
+
+def max_masked(bucket: int, mask_prob: float) -> int:
+    """K: masked slots per row for sequences of at most ``bucket`` tokens."""
+    return max(1, math.ceil(mask_prob * (bucket - 2)))
+
+
+def mask_batch(
+    seqs: Sequence[np.ndarray],
+    length: int,
+    rows: int,
+    rng: np.random.Generator,
+    special: SpecialIds,
+    vocab_size: int,
+    mask_prob: float,
+) -> dict[str, np.ndarray]:
+    """Pad ``seqs`` into one batch and apply BERT masking.
+
+    Returns input_ids, attention_mask: int32[rows, length]; positions, labels:
+    int32[rows, K]; weights: float32[rows, K] (1 for a real target, 0 for a
+    padded slot or a padded row). Each sequence gets ``round(mask_prob * n)``
+    targets (at least one) among its n non-special tokens.
+    """
+    k = max_masked(length, mask_prob)
+    ids = np.full((rows, length), special.pad, np.int32)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+    attention = (ids != special.pad).astype(np.int32)
+    candidate = np.isin(ids, special.all(), invert=True)
+    n_real = candidate.sum(1)
+    n_mask = np.where(n_real > 0, np.maximum(1, np.rint(mask_prob * n_real)), 0).astype(np.int64)
+    n_mask = np.minimum(n_mask, k)
+    # A uniform random order of the candidates, specials pushed to the end.
+    keys = np.where(candidate, rng.random(ids.shape), np.inf)
+    positions = np.argsort(keys, axis=1, kind="stable")[:, :k].astype(np.int32)
+    weights = (np.arange(k)[None, :] < n_mask[:, None]).astype(np.float32)
+    positions = np.where(weights > 0, positions, 0)
+    labels = np.take_along_axis(ids, positions, axis=1)
+    action = rng.random(positions.shape)
+    random_tokens = rng.integers(len(special.all()), vocab_size, positions.shape, dtype=np.int32)
+    row = np.arange(rows)[:, None]
+    replaced = np.where(action < 0.8, special.mask, np.where(action < 0.9, random_tokens, labels))
+    corrupted = ids.copy()
+    live = weights > 0
+    corrupted[row.repeat(k, 1)[live], positions[live]] = replaced[live]
+    return dict(input_ids=corrupted, attention_mask=attention, positions=positions,
+                labels=labels, weights=weights)
+
+
+def epoch_batches(
+    data: Sequence[np.ndarray],
+    config: TrainConfig,
+    rng: np.random.Generator,
+    special: SpecialIds,
+) -> Iterator[dict[str, np.ndarray]]:
+    """One pass over ``data`` in length-bucketed, shuffled, freshly masked batches.
+
+    Every batch of a bucket has the same shape (the last one padded with empty
+    rows of weight 0), so the train step compiles once per bucket.
+    """
+    by_bucket: dict[int, list[int]] = {}
+    for i, s in enumerate(data):
+        by_bucket.setdefault(_bucket_of(len(s), config.max_length), []).append(i)
+    plan = []
+    for bucket in sorted(by_bucket):
+        idx = np.asarray(by_bucket[bucket])
+        rng.shuffle(idx)
+        rows = max(1, config.batch_tokens // bucket)
+        plan += [(bucket, rows, idx[j : j + rows]) for j in range(0, len(idx), rows)]
+    for o in rng.permutation(len(plan)):
+        bucket, rows, idx = plan[o]
+        yield mask_batch([data[i] for i in idx], bucket, rows, rng, special,
+                         config.vocab_size, config.mask_prob)
+
+
+def lr_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warm-up from 0 to the peak, then linear decay to 0 at the last step (as BERT)."""
+    warmup = max(1, int(config.warmup_fraction * config.steps))
+    return optax.join_schedules(
+        [optax.linear_schedule(0.0, config.learning_rate, warmup),
+         optax.linear_schedule(config.learning_rate, 0.0, max(1, config.steps - warmup))],
+        [warmup],
+    )
+
+
+def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warm-up and linear decay to 0; no decay on biases and LayerNorm."""
+    schedule = lr_schedule(config)
+
+    def decay_mask(params: Params) -> Params:
+        # As in BERT: weight decay on matrices only.
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: getattr(path[-1], "key", "") in ("kernel", "embedding"), params
+        )
+
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(schedule, b1=0.9, b2=0.98, eps=1e-6,
+                    weight_decay=config.weight_decay, mask=decay_mask),
+    )
+
+
+def masked_lm_loss(
+    module: MaskedLMModule, params: Params, batch: dict[str, jax.Array]
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """Mean cross-entropy over real targets; aux = (correct top-1 count, target count)."""
+    logits = module.apply({"params": params}, batch["input_ids"], batch["attention_mask"],
+                          batch["positions"])  # [B, K, V]
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+    w = batch["weights"]
+    n = jnp.maximum(w.sum(), 1.0)
+    correct = ((jnp.argmax(logits, -1) == batch["labels"]) * w).sum()
+    return (nll * w).sum() / n, (correct, w.sum())
+
+
+def make_train_step(module: MaskedLMModule, optimizer: optax.GradientTransformation):
+    """Jitted ``step(params, opt_state, batch) -> (params, opt_state, loss, accuracy)``."""
+
+    @jax.jit
+    def step(params, opt_state, batch):
+        (loss, (correct, n)), grads = jax.value_and_grad(
+            lambda p: masked_lm_loss(module, p, batch), has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss, correct / jnp.maximum(n, 1.0)
+
+    return step
+
+
+def make_eval_fn(module: MaskedLMModule):
+    """Jitted ``eval(params, batch) -> (summed nll, correct count, target count)``."""
+
+    @jax.jit
+    def evaluate(params, batch):
+        loss, (correct, n) = masked_lm_loss(module, params, batch)
+        return loss * jnp.maximum(n, 1.0), correct, n
+
+    return evaluate
+
+
+def fixed_eval_batches(
+    data: Sequence[np.ndarray], config: TrainConfig, special: SpecialIds, seed: int = 1234
+) -> list[dict[str, np.ndarray]]:
+    """Validation batches with one fixed masking, so numbers compare across steps."""
+    rng = np.random.default_rng(seed)
+    return list(epoch_batches(data, dataclasses.replace(config, seed=seed), rng, special))
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled(config: TrainConfig, pad_token_id: int):
+    """Module, optimizer, train step and eval function, shared by runs that differ only in seed.
+
+    Jitted functions are cached per Python function object, so building them
+    once per configuration saves a recompilation per ``train`` call.
+    """
+    module = MaskedLMModule(config.encoder_config(pad_token_id))
+    optimizer = make_optimizer(config)
+    return module, optimizer, make_train_step(module, optimizer), make_eval_fn(module)
+
+
+@functools.lru_cache(maxsize=8)
+def _init_fn(encoder: EncoderConfig):
+    module = MaskedLMModule(encoder)
+    ids = jnp.zeros((1, 4), jnp.int32)
+    return jax.jit(lambda key: module.init(key, ids, jnp.ones_like(ids), ids[:, :1])["params"])
+
+
+def init_params(config: TrainConfig, pad_token_id: int = 0) -> Params:
+    """Fresh parameters from ``config.seed`` (BERT's N(0, 0.02) initialiser)."""
+    return _init_fn(config.encoder_config(pad_token_id))(jax.random.PRNGKey(config.seed))
+
+
+def train(
+    config: TrainConfig,
+    data: Sequence[np.ndarray],
+    special: SpecialIds,
+    *,
+    eval_data: Sequence[np.ndarray] = (),
+    eval_every: int = 0,
+    on_checkpoint: Any = None,
+    checkpoint_every: int = 0,
+    progress: bool = True,
+) -> tuple[Params, list[dict]]:
+    """Train from scratch for ``config.steps`` steps over token-id sequences ``data``.
+
+    ``data``: list of int32[n_i] (``[CLS] ... [SEP]``). Returns the final parameters
+    (numpy float32 tree) and a history of dicts (step, loss, accuracy, lr, and at
+    evaluation steps eval_loss / eval_accuracy). ``on_checkpoint(step, params)``
+    is called every ``checkpoint_every`` steps.
+    """
+    from tqdm.auto import tqdm
+
+    if not data:
+        raise UserError("the training corpus is empty")
+    module, optimizer, step_fn, eval_fn = _compiled(dataclasses.replace(config, seed=0), special.pad)
+    params = init_params(config, special.pad)
+    opt_state = optimizer.init(params)
+    eval_batches = fixed_eval_batches(eval_data, config, special) if eval_data else []
+    rng = np.random.default_rng(config.seed)
+    schedule_lr = lr_schedule(config)
+
+    def run_eval(p) -> dict:
+        tot = np.zeros(3)
+        for b in eval_batches:
+            tot += np.asarray([float(x) for x in eval_fn(p, b)])
+        return {"eval_loss": tot[0] / max(tot[2], 1), "eval_accuracy": tot[1] / max(tot[2], 1)}
+
+    history: list[dict] = []
+    bar = tqdm(total=config.steps, file=sys.stderr, disable=not progress, unit="step",
+               dynamic_ncols=True, mininterval=1.0)
+    step, epoch, start = 0, 0, time.perf_counter()
+    smooth = None
+    while step < config.steps:
+        for batch in epoch_batches(data, config, rng, special):
+            params, opt_state, loss, acc = step_fn(params, opt_state, batch)
+            step += 1
+            loss, acc = float(loss), float(acc)
+            smooth = loss if smooth is None else 0.98 * smooth + 0.02 * loss
+            record = {"step": step, "epoch": epoch, "loss": loss, "accuracy": acc,
+                      "lr": float(schedule_lr(step - 1)), "seconds": time.perf_counter() - start}
+            if eval_batches and eval_every and (step % eval_every == 0 or step == config.steps):
+                record.update(run_eval(params))
+                bar.write(f"step {step}: train loss {smooth:.3f}, held-out loss "
+                          f"{record['eval_loss']:.3f}, held-out accuracy {record['eval_accuracy']:.3f}",
+                          file=sys.stderr)
+            history.append(record)
+            bar.set_postfix(loss=f"{smooth:.3f}", epoch=epoch, refresh=False)
+            bar.update(1)
+            if on_checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+                on_checkpoint(step, params)
+            if step >= config.steps:
+                break
+        epoch += 1
+    bar.close()
+    return jax.tree_util.tree_map(np.asarray, params), history
+
+
+def pseudo_likelihood(
+    module: MaskedLMModule,
+    params: Params,
+    sequences: Sequence[np.ndarray],
+    special: SpecialIds,
+    batch_size: int = 256,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mask every non-special token of every sequence, one at a time.
+
+    Returns (log-probabilities float64[T], top-1 correct bool[T], gold ids int[T])
+    over all T non-special tokens: the ingredients of pseudo-perplexity
+    ``exp(-mean log p)`` and masked-token accuracy.
+    """
+    length = max(len(s) for s in sequences)
+    rows, pos, gold = [], [], []
+    for s in sequences:
+        for i, t in enumerate(s):
+            if t in special.all():
+                continue
+            x = np.full(length, special.pad, np.int32)
+            x[: len(s)] = s
+            x[i] = special.mask
+            rows.append(x), pos.append(i), gold.append(t)
+    ids, pos, gold = np.stack(rows), np.asarray(pos, np.int32), np.asarray(gold, np.int32)
+    fn = jax.jit(lambda p, x, q: jax.nn.log_softmax(
+        module.apply({"params": p}, x, (x != special.pad).astype(jnp.int32), q[:, None])[:, 0], -1))
+    logps, correct = [], []
+    for j in range(0, len(ids), batch_size):
+        x, q, g = ids[j : j + batch_size], pos[j : j + batch_size], gold[j : j + batch_size]
+        n = len(x)
+        if n < batch_size:  # keep one compiled shape
+            x = np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)])
+            q = np.concatenate([q, np.repeat(q[:1], batch_size - n)])
+        lp = np.asarray(fn(params, x, q))[:n]
+        logps.append(lp[np.arange(n), g])
+        correct.append(lp.argmax(-1) == g)
+    return np.concatenate(logps).astype(np.float64), np.concatenate(correct), gold
+
+
+def unigram_log_probs(data: Sequence[np.ndarray], vocab_size: int, special: SpecialIds) -> np.ndarray:
+    """float64[V]: add-one smoothed unigram log-probabilities of non-special training tokens."""
+    counts = np.bincount(np.concatenate(list(data)), minlength=vocab_size).astype(np.float64) + 1.0
+    counts[list(special.all())] = 0.0
+    with np.errstate(divide="ignore"):  # specials get log 0 = -inf on purpose
+        return np.log(counts / counts.sum())
+
+
+def heldout_report(
+    module: MaskedLMModule,
+    params: Params,
+    tokenizer: Any,
+    sets: dict[str, Sequence[str]],
+    unigram: np.ndarray,
+    max_length: int,
+) -> dict[str, dict]:
+    """Per held-out set: tokens, masked-token accuracy and pseudo-perplexity, and the unigram baseline's."""
+    special = SpecialIds.of(tokenizer)
+    report = {}
+    for name, lines in sets.items():
+        seqs = tokenize_lines(tokenizer, lines, max_length)
+        lp, correct, gold = pseudo_likelihood(module, params, seqs, special)
+        report[name] = {
+            "sentences": len(seqs),
+            "tokens": int(len(gold)),
+            "mean_length_with_specials": float(np.mean([len(s) for s in seqs])),
+            "masked_token_accuracy": float(correct.mean()),
+            "pseudo_perplexity": float(np.exp(-lp.mean())),
+            "unigram_accuracy": float((gold == int(np.argmax(unigram))).mean()),
+            "unigram_perplexity": float(np.exp(-unigram[gold].mean())),
+        }
+    return report
+
+
+def _save(directory: Path, config: TrainConfig, params: Params, tokenizer: Any) -> None:
+    save_checkpoint(directory, config.encoder_config(tokenizer.pad_token_id), params)
+    tokenizer.save_pretrained(str(directory))
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register ``train-mlm`` on an argparse subparsers object (sets ``func=run``)."""
+    d = TrainConfig()
+    p = subparsers.add_parser(
+        "train-mlm",
+        help="train a small BERT-style masked LM (how the default model was made)",
+        description="Train a WordPiece vocabulary and a BERT-style masked LM from scratch. "
+        "Fetch the default corpus with `apt-get download wordnet-base` and pass the .deb "
+        "to --corpus, or give your own text with --train-file.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--corpus", "--corpus-dir", dest="corpus", metavar="DEB_OR_DIR",
+                     help="wordnet-base .deb, or a directory containing WordNet's data.noun etc.")
+    src.add_argument("--train-file", metavar="TXT", help="plain text, one training sentence per line")
+    p.add_argument("--eval-file", metavar="TXT", help="held-out lines for validation (with --train-file)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output: model/ (HF checkpoint + tokenizer), held-out sets, metrics.json")
+    for name, kind, helptext in [
+        ("vocab_size", int, "WordPiece vocabulary size V"),
+        ("hidden_size", int, "hidden width"),
+        ("num_layers", int, "encoder layers"),
+        ("num_heads", int, "attention heads"),
+        ("intermediate_size", int, "feed-forward width"),
+        ("max_length", int, "longest sequence in tokens (also max positions)"),
+        ("steps", int, "optimizer steps"),
+        ("batch_tokens", int, "padded tokens per batch"),
+        ("learning_rate", float, "peak learning rate"),
+        ("warmup_fraction", float, "fraction of steps spent warming up"),
+        ("weight_decay", float, "AdamW weight decay"),
+        ("seed", int, "seed of initialisation, shuffling and masking"),
+    ]:
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=getattr(d, name),
+                       help=f"{helptext} (default {getattr(d, name)})")
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N steps (0: never)")
+    p.add_argument("--save-every", type=int, default=0, help="write checkpoints/step-N every N steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build the corpus, train the tokenizer and the model, write everything under ``--out``."""
+    from jaxjoint import corpus as corpus_mod
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+                            if f.name not in ("clip_norm", "mask_prob")})
+    heldout_sets: dict[str, list[str]] = {}
+    if args.corpus:
+        splits = corpus_mod.build_corpus(args.corpus)
+        train_lines, stats = splits.train, splits.stats
+    else:
+        train_lines = corpus_mod.read_lines(args.train_file)
+        eval_lines = corpus_mod.read_lines(args.eval_file) if args.eval_file else []
+        stats = {"source": str(args.train_file), "train_lines": len(train_lines)}
+        if eval_lines:
+            heldout_sets = {"eval": eval_lines}
+
+    model_dir = out / "model"
+    t0 = time.perf_counter()
+    tokenizer = corpus_mod.train_tokenizer(train_lines, config.vocab_size, model_dir)
+    if args.corpus:
+        corpus_mod.select_heldout(splits, lambda t: len(tokenizer(t)["input_ids"]))
+        corpus_mod.write_splits(splits, out / "corpus")
+        corpus_mod.write_lines(out / "heldout_short.txt", splits.heldout_short)
+        corpus_mod.write_lines(out / "heldout_news.txt", splits.heldout_news)
+        eval_lines = splits.heldout_rest
+        heldout_sets = {"heldout_short": splits.heldout_short, "heldout_news": splits.heldout_news}
+    print(f"corpus: {json.dumps(stats)}", file=sys.stderr)
+    if len(tokenizer) != config.vocab_size:
+        # The vocabulary can come out smaller on a small corpus; the model follows it.
+        config = dataclasses.replace(config, vocab_size=len(tokenizer))
+    special = SpecialIds.of(tokenizer)
+    data = tokenize_lines(tokenizer, train_lines, config.max_length)
+    eval_data = tokenize_lines(tokenizer, eval_lines[:2000], config.max_length) if eval_lines else []
+    print(f"tokenizer: V={len(tokenizer)}, {sum(len(s) for s in data)} training tokens "
+          f"({time.perf_counter() - t0:.0f}s)", file=sys.stderr)
+
+    def checkpoint(step: int, params: Params) -> None:
+        _save(out / "checkpoints" / f"step-{step}", config, jax.tree_util.tree_map(np.asarray, params), tokenizer)
+
+    t1 = time.perf_counter()
+    params, history = train(config, data, special, eval_data=eval_data, eval_every=args.eval_every,
+                            on_checkpoint=checkpoint, checkpoint_every=args.save_every,
+                            progress=not args.no_progress)
+    train_seconds = time.perf_counter() - t1
+    _save(model_dir, config, params, tokenizer)
+
+    module = MaskedLMModule(config.encoder_config(special.pad))
+    unigram = unigram_log_probs(data, config.vocab_size, special)
+    report = heldout_report(module, params, tokenizer, heldout_sets, unigram, config.max_length)
+    n_params = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+    metrics = {
+        "command": " ".join(sys.argv),
+        "config": dataclasses.asdict(config),
+        "corpus": stats,
+        "parameters": n_params,
+        "training_tokens": int(sum(len(s) for s in data)),
+        "train_seconds": train_seconds,
+        "final_train_loss": float(np.mean([h["loss"] for h in history[-50:]])),
+        "heldout": report,
+        "jax_version": jax.__version__,
+    }
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "history.json").write_text(json.dumps(history) + "\n")
+    for name, r in report.items():
+        print(f"{name}: accuracy {r['masked_token_accuracy']:.3f} (unigram {r['unigram_accuracy']:.3f}), "
+              f"pseudo-perplexity {r['pseudo_perplexity']:.1f} (unigram {r['unigram_perplexity']:.1f})",
+              file=sys.stderr)
+    print(f"wrote {model_dir} ({n_params} parameters, trained {train_seconds / 60:.1f} min)", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry: ``python -m jaxjoint.train --corpus ... --out ...``."""
+    parser = argparse.ArgumentParser(prog="jaxjoint")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_parser(sub)
+    args = parser.parse_args(["train-mlm", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""The embedded default model: loads in jaxjoint and in transformers alike, and has learned English.
+
+Runs offline on the shipped files only, on a fixed small sample, in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from jaxjoint.default import MODEL_DIR, SENTENCE_FILES, load_sentences
+from jaxjoint.models.mlm import load_mlm
+
+
+@pytest.fixture(scope="module")
+def mlm():
+    return load_mlm(MODEL_DIR)
+
+
+def test_shipped_files_and_shape():
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        assert (MODEL_DIR / name).is_file(), name
+    assert (MODEL_DIR / "model.safetensors").stat().st_size <= 25 * 2**20
+    hf = json.loads((MODEL_DIR / "config.json").read_text())
+    assert hf["model_type"] == "bert"
+    assert 4000 <= hf["vocab_size"] <= 8000
+    assert (MODEL_DIR.parent / "MODEL_CARD.md").is_file()
+    assert (MODEL_DIR.parent / "LICENSE.WordNet").is_file()
+
+
+def test_heldout_sentence_sets():
+    short, news = load_sentences("short"), load_sentences("news")
+    assert len(short) == len(news) == 300
+    assert not set(short) & set(news)
+    assert len(set(short)) == len(short) and len(set(news)) == len(news)
+    # The news-like set is the longer one; both are plain one-line sentences.
+    assert np.mean([len(s.split()) for s in news]) > np.mean([len(s.split()) for s in short]) + 5
+    assert all("\t" not in s and s == s.strip() for s in short + news)
+    with pytest.raises(ValueError):
+        load_sentences("nope")
+    assert set(SENTENCE_FILES) == {"short", "news"}
+
+
+def test_tokenizer_is_bert_style(mlm):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    ids = tok("The cat sat on the mat.")["input_ids"]
+    assert ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id
+    for t in ("[CLS]", "[SEP]", "[MASK]", "[PAD]", "[UNK]"):
+        assert tok.convert_tokens_to_ids(t) < 5
+    assert len(tok) == mlm.vocab_size
+    assert mlm.mask_token_id == tok.mask_token_id
+
+
+def test_logits_match_transformers(mlm):
+    torch = pytest.importorskip("torch")
+    from transformers import AutoModelForMaskedLM
+
+    tok = mlm.tokenizer
+    sentences = load_sentences("short")[:3] + load_sentences("news")[:3]
+    enc = tok(sentences, padding=True, return_tensors="np")
+    ids, attention = enc["input_ids"].copy(), enc["attention_mask"]
+    lengths = attention.sum(1)
+    # Two masked positions per sentence, as in a pair evaluation.
+    positions = np.stack([np.array([1, n - 2]) for n in lengths]).astype(np.int32)
+    np.put_along_axis(ids, positions, tok.mask_token_id, axis=1)
+
+    hf = AutoModelForMaskedLM.from_pretrained(str(MODEL_DIR)).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(attention)).logits.numpy()
+    ref = np.take_along_axis(ref, positions[:, :, None], axis=1)
+    ours = np.asarray(mlm.logits_at(ids, positions, attention))
+    assert ours.shape == ref.shape == (len(sentences), 2, mlm.vocab_size)
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def _masked_token_stats(mlm, sentences):
+    """Top-1 hits and log-probs with each non-special token masked in turn."""
+    tok = mlm.tokenizer
+    rows, pos, gold = [], [], []
+    for s in sentences:
+        ids = tok(s)["input_ids"]
+        for i in range(1, len(ids) - 1):
+            x = list(ids)
+            x[i] = tok.mask_token_id
+            rows.append(x), pos.append(i), gold.append(ids[i])
+    length = max(map(len, rows))
+    batch = np.full((len(rows), length), tok.pad_token_id, np.int32)
+    for r, x in enumerate(rows):
+        batch[r, : len(x)] = x
+    logits = np.asarray(mlm.logits_at(batch, np.asarray(pos), (batch != tok.pad_token_id).astype(np.int32)))
+    logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+    gold = np.asarray(gold)
+    return logits.argmax(-1) == gold, logp[np.arange(len(gold)), gold], gold
+
+
+@pytest.mark.parametrize("name, n", [("short", 60), ("news", 30)])
+def test_heldout_accuracy_beats_unigram(mlm, name, n):
+    # A fixed sample of about 650 tokens; the full-set numbers are in MODEL_CARD.md.
+    correct, logp, gold = _masked_token_stats(mlm, load_sentences(name)[:n])
+    # A unigram model fitted to this very sample: stronger than any unigram
+    # baseline estimated from training text, so beating it is conservative.
+    counts = np.bincount(gold)
+    oracle_unigram_accuracy = counts.max() / len(gold)
+    freq = counts[gold] / len(gold)
+    oracle_unigram_ppl = float(np.exp(-np.log(freq).mean()))
+    accuracy, pppl = float(correct.mean()), float(np.exp(-logp.mean()))
+    assert accuracy > 2 * oracle_unigram_accuracy and accuracy > 0.2, (accuracy, oracle_unigram_accuracy)
+    assert pppl < oracle_unigram_ppl / 2, (pppl, oracle_unigram_ppl)
