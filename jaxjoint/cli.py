@@ -1,16 +1,21 @@
 """The ``jaxjoint`` command: evaluate, pair, plot, train-mlm.
 
 Errors a user can fix are one line on stderr (``jaxjoint: error: ...``) and exit
-status 2; an interrupt exits 130 after saying how to resume.
+status 2; an interrupt exits 130 after saying how to resume. A process of a
+multi-process run that lost another process, was interrupted, or hit an
+unexpected error exits at once (``distributed.exit_now``).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from typing import NoReturn, Sequence
 
-from jaxjoint import train
+import jax
+
+from jaxjoint import distributed, train
 from jaxjoint.config import EvalConfig, read_config_file, resolve_config
 from jaxjoint.errors import UserError
 
@@ -42,12 +47,22 @@ def _config_arguments(p: argparse.ArgumentParser, *, evaluation: bool) -> None:
     p.add_argument("--dtype", metavar="DTYPE", help="float32 (default) or bfloat16 forward passes")
     p.add_argument("--chunk-size", type=int, metavar="N", help="sequences per device per step")
     p.add_argument("--devices", type=int, metavar="N", help="use the first N local devices (default all)")
+    if evaluation:
+        p.add_argument("--distributed", metavar="MODE",
+                       help="none (default: one process), or several processes started with the same command: "
+                       "pairs (each process scores its own pairs on its devices: throughput) or global "
+                       "(all devices of all processes on each pair: latency)")
+        p.add_argument("--coordinator", metavar="HOST:PORT",
+                       help="process 0's address, reachable by every process (not needed on TPU VMs, SLURM, "
+                       "Open MPI)")
+        p.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
+        p.add_argument("--process-id", type=int, metavar="K", help="this process's number, 0 to N-1")
 
 
 def _resolve(args: argparse.Namespace) -> EvalConfig:
     file_values = read_config_file(args.config) if args.config else {}
     keys = ("model", "data", "masking", "max_sentences", "seed", "methods", "ag_iters", "ag_tol",
-            "dtype", "chunk_size", "devices", "out")
+            "dtype", "chunk_size", "devices", "distributed", "out")
     return resolve_config(file_values, {k: getattr(args, k) for k in keys if hasattr(args, k)})
 
 
@@ -58,13 +73,34 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from jaxjoint.evaluate import PAIRS_FILE, count_pairs, evaluate
 
     config = _resolve(args)
+    launch = (args.coordinator, args.num_processes, args.process_id)
+    if config.distributed == "none":
+        if any(v is not None for v in launch):
+            raise UserError("--coordinator, --num-processes and --process-id need --distributed pairs or global")
+    else:
+        distributed.initialize(*launch)
     try:
         evaluate(config, quiet=args.quiet)
     except KeyboardInterrupt:
-        n = count_pairs(config.out)
-        print(f"\njaxjoint: interrupted; {n} finished pairs are saved in {config.out}/{PAIRS_FILE}; "
-              "run the same command again to resume", file=sys.stderr)
-        return 130
+        if not distributed.is_initialized():
+            n = count_pairs(config.out)
+            print(f"\njaxjoint: interrupted; {n} finished pairs are saved in {config.out}/{PAIRS_FILE}; "
+                  "run the same command again to resume", file=sys.stderr)
+            return 130
+        saved = f"{count_pairs(config.out)} finished pairs are saved" if jax.process_index() == 0 else (
+            "process 0 keeps the finished pairs")
+        print(f"\njaxjoint: interrupted; {saved} in {config.out}/{PAIRS_FILE}; "
+              "run the same command on every process to resume", file=sys.stderr)
+        distributed.exit_now(130)
+    except UserError:
+        raise
+    except Exception:
+        # Exiting normally would wait in the runtime's shutdown handshake for
+        # processes that may be blocked waiting for this one.
+        if distributed.is_initialized():
+            traceback.print_exc()
+            distributed.exit_now(1)
+        raise
     return 0
 
 
@@ -192,6 +228,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UserError as err:
         print(f"jaxjoint: error: {' '.join(str(err).split())}", file=sys.stderr)
+        if isinstance(err, distributed.ProcessFailure):
+            distributed.exit_now(2)
         return 2
     except KeyboardInterrupt:
         print("\njaxjoint: interrupted", file=sys.stderr)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 import yaml
 
 from jaxjoint.data import MASKINGS, is_data_name
+from jaxjoint.distributed import MODES as DISTRIBUTED_MODES
 from jaxjoint.errors import UserError
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
 from jaxjoint.models.mlm import DTYPES
@@ -34,7 +35,9 @@ class EvalConfig:
     ag_tol: iterate AG until the L1 change of its marginals is below this (None: fixed count).
     dtype: compute dtype of the forward passes, ``float32`` or ``bfloat16``.
     chunk_size: sequences per device per step (None: from the device's memory).
-    devices: use the first N local devices (None: all).
+    devices: use the first N local devices (None: all); in ``global`` mode, of each process.
+    distributed: ``none`` (one process), ``pairs`` or ``global`` (several processes,
+      see ``jaxjoint.distributed``).
     out: output directory.
     """
 
@@ -49,6 +52,7 @@ class EvalConfig:
     dtype: str = "float32"
     chunk_size: int | None = None
     devices: int | None = None
+    distributed: str = "none"
     out: str | None = None
 
     def ag_options(self) -> dict[str, Any]:
@@ -121,6 +125,8 @@ def _check(key: str, value: Any) -> Any:
         return _choice(key, value, MASKINGS)
     if key == "dtype":
         return _choice(key, value, tuple(DTYPES))
+    if key == "distributed":
+        return _choice(key, value, DISTRIBUTED_MODES)
     if key == "methods":
         return _methods(value)
     if key == "ag_tol":

@@ -4,27 +4,35 @@ An output directory holds:
 
 - ``config.yaml``: the resolved config (also usable as ``--config``), written first;
 - ``pairs.jsonl``: one line per finished pair, appended, flushed and fsynced as
-  soon as the pair is done, so a killed run loses at most the pair in flight;
+  soon as the pair is done, so a killed run loses at most the pair in flight; in
+  sentence order once the run is complete;
 - ``summary.json``, ``summary.md``, ``summary.csv``: written when all pairs are done.
 
 Running again with the same directory resumes: finished pairs are kept, a torn
 last line (a kill during the write) is dropped and that pair recomputed, and a
 run whose config differs in a key that changes the records (``RESULT_KEYS``) is
 refused.
+
+With ``distributed: pairs`` or ``global`` the run spans several processes
+(``jaxjoint.distributed``); process 0 alone touches the output directory, and it
+holds what a single-process run writes.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
+import hashlib
 import io
 import json
 import math
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Callable, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -34,12 +42,20 @@ from jax.sharding import Mesh
 
 from jaxjoint.config import DEFAULT_MODEL, RESULT_KEYS, EvalConfig
 from jaxjoint.data import DEFAULT_DIR, MaskedPair, load_sentences, make_pairs, max_tokens
+from jaxjoint.distributed import Processes, ProcessFailure, describe, global_mesh, processes
 from jaxjoint.errors import UserError
 from jaxjoint.joints import Joint, derive_joint
 from jaxjoint.metrics import METRICS, aggregate, mlm_unary_nll, pair_metrics
 from jaxjoint.models.mlm import MaskedLM, load_mlm
 from jaxjoint.sharding import make_mesh
-from jaxjoint.tables import PairTables, iter_pair_tables, pair_tables
+from jaxjoint.tables import (
+    PairTables,
+    bucket_length,
+    default_chunk_size,
+    iter_pair_tables,
+    memory_budget_bytes,
+    pair_tables,
+)
 
 CONFIG_FILE = "config.yaml"
 PAIRS_FILE = "pairs.jsonl"
@@ -256,6 +272,16 @@ class PairWriter:
         self._file.close()
 
 
+def _sort_pairs_file(path: Path) -> None:
+    """Put the records of ``path`` in sentence order. They are out of order only
+    when a multi-process round failed after a later pair of it finished; sorting
+    makes a completed run's file the same however often it was resumed."""
+    records, _ = read_pairs(path)
+    indices = [r["index"] for r in records]
+    if indices != sorted(indices):
+        _write_atomic(path, "".join(json.dumps(r) + "\n" for r in sorted(records, key=lambda r: r["index"])))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that a kill leaves the old or the new file, never half."""
     tmp = path.with_name(path.name + ".tmp")
@@ -319,45 +345,150 @@ def evaluate(config: EvalConfig, *, quiet: bool = False) -> dict[str, Any]:
     Every input is checked (output directory, data, model) before anything is
     written. Returns the summary (as in ``summary.json``); ``summary.md`` is
     printed to stdout unless ``quiet``.
+
+    With ``config.distributed`` ``pairs`` or ``global``, every process of the run
+    calls this with the same config (``jaxjoint.distributed`` describes the modes);
+    each returns the summary, and only process 0 writes files and prints. An error
+    on any process raises ``UserError`` on all of them, ``ProcessFailure`` when a
+    process stopped answering.
     """
     if config.out is None:
         raise UserError("no output directory; give --out DIR (or 'out:' in the config file)")
     out = Path(config.out)
-    finished = {r["index"]: r for r in _check_out_dir(out, config)}
+    procs = processes(config.distributed)
+    run = procs.agree(lambda: _prepare(config, out, read_out=procs.leader))
+    shared = procs.gather({
+        "fingerprint": _fingerprint(config, run),
+        "budget": memory_budget_bytes(jax.local_devices()[0]) if config.distributed == "global" else None,
+    })
+    for k, theirs in enumerate(shared):
+        if theirs["fingerprint"] != shared[0]["fingerprint"]:
+            raise UserError(f"process {k} made other pairs, or has another model or settings, than process 0; "
+                            "start every process with the same command, data and model")
+    finished = {r["index"]: r for r in procs.broadcast(run.records)}
+    todo = [p for p in run.pairs if p.index not in finished]
+    chunk_size = config.chunk_size
+    if config.distributed == "global" and chunk_size is None and todo:
+        # Every process must compile the same program: one chunk size from the
+        # smallest device budget, sized for the longest sentence.
+        length = max(bucket_length(len(p.input_ids), run.mlm.config.max_positions) for p in todo)
+        chunk_size = default_chunk_size(run.mlm.config, length, config.dtype, min(s["budget"] for s in shared))
+
+    writer = procs.agree(lambda: PairWriter(out, config) if procs.leader else None)
+    progress = Progress(len(run.pairs), len(run.pairs) - len(todo), enabled=procs.leader and not quiet)
+    try:
+        _score_pairs(config, run, todo, procs, chunk_size, finished, writer, progress)
+    except UserError as err:
+        if procs.count == 1:
+            raise
+        raise type(err)(f"{err}; the {len(finished)} finished pairs are saved in {out / PAIRS_FILE}: "
+                        "run the same command on every process to resume") from err
+    finally:
+        if writer is not None:
+            writer.close()
+        progress.close()
+
+    summary = summarize(config, [finished[p.index] for p in run.pairs], run.skipped)
+    if procs.leader:
+        _sort_pairs_file(out / PAIRS_FILE)
+        write_summary(out, summary)
+        if not quiet:
+            print(summary_markdown(summary), end="")
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one process loaded for a run: the finished records it read (process 0
+    only), the model, the pairs of the data, the sentences skipped, its mesh."""
+
+    records: list[dict[str, Any]]
+    mlm: MaskedLM
+    pairs: list[MaskedPair]
+    skipped: int
+    mesh: Mesh
+
+
+def _prepare(config: EvalConfig, out: Path, *, read_out: bool) -> _Run:
+    """Load and check everything a run needs; writes nothing. Only the process
+    with ``read_out`` looks at the output directory."""
+    records = _check_out_dir(out, config) if read_out else []
     sentences = load_sentences(config.data, config.max_sentences)
     mlm = load_mlm(model_source(config.model), dtype=config.dtype)
     pairs, skipped = make_pairs(sentences, mlm.tokenizer, masking=config.masking, seed=config.seed,
                                 max_length=max_tokens(mlm.config))
     if not pairs:
         raise UserError(f"none of the {len(sentences)} sentences of {config.data} has two maskable tokens")
+    stored = {r["index"]: r for r in records}
     for pair in pairs:
-        old = finished.get(pair.index)
+        old = stored.get(pair.index)
         if old is not None and (old["positions"] != [pair.a, pair.b] or old["input_ids"] != list(pair.input_ids)):
             raise UserError(f"{out / PAIRS_FILE} has another pair for sentence {pair.index}: "
                             "the data or tokenizer changed; use a new --out")
-    mesh = device_mesh(config.devices)
+    mesh = global_mesh(config.devices) if config.distributed == "global" else device_mesh(config.devices)
+    return _Run(records, mlm, pairs, skipped, mesh)
 
-    todo = [p for p in pairs if p.index not in finished]
-    writer = PairWriter(out, config)
-    progress = Progress(len(pairs), len(pairs) - len(todo), enabled=not quiet)
+
+def _fingerprint(config: EvalConfig, run: _Run) -> str:
+    """A digest of what must be equal on every process: the pairs, the model's
+    shape, and the settings (paths may differ from host to host)."""
+    values = {k: v for k, v in config.to_dict().items() if k not in ("model", "data", "out", "max_sentences")}
+    values["model"] = dataclasses.asdict(run.mlm.config)
+    values["pairs"] = [[p.index, list(p.input_ids), p.a, p.b] for p in run.pairs]
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def _score_pairs(config: EvalConfig, run: _Run, todo: list[MaskedPair], procs: Processes, chunk_size: int | None,
+                 finished: dict[int, dict[str, Any]], writer: PairWriter | None, progress: Progress) -> None:
+    """Score ``todo``, adding each record to ``finished`` (and ``writer``) in order.
+
+    ``pairs`` and ``none``: in rounds of one pair per process, process k scoring
+    the k-th, results gathered after each round. ``global``: every process scores
+    every pair on the global mesh and holds the same (replicated) numbers.
+    """
+    k, n = procs.index, procs.count
+    spread = config.distributed != "global"
+    rounds = [todo[i:i + n] for i in range(0, len(todo), n)] if spread else [[p] for p in todo]
+    mine = [r[k] for r in rounds if k < len(r)] if spread else todo
+    stream = iter_pair_tables(run.mlm, ((p.input_ids, p.a, p.b) for p in mine), mesh=run.mesh,
+                              chunk_size=chunk_size)
+
+    def score(pair: MaskedPair) -> dict[str, Any]:
+        metrics, unary = score_tables(next(stream), pair.gold, config.methods, config.ag_options(), run.mesh)
+        return {"metrics": metrics, "unary": unary}
+
+    for batch in rounds:
+        if spread:
+            exchange = procs.exchange(lambda: score(batch[k]) if k < len(batch) else None)
+            results = exchange.results
+        else:
+            results = [_score_together(score, batch[0], procs)]
+        for pair, result in zip(batch, results):
+            if result is not None:
+                record = pair_record(pair, result["metrics"], result["unary"])
+                finished[pair.index] = record
+                if writer is not None:
+                    writer.append(record)
+                progress.update()
+        if spread:
+            exchange.check(lambda j: f"process {j} on sentence {batch[j].index}")
+
+
+def _score_together(score: Callable[[MaskedPair], dict[str, Any]], pair: MaskedPair,
+                    procs: Processes) -> dict[str, Any]:
+    """``score(pair)`` in global mode. An error here cannot be reported to the other
+    processes (they may be waiting inside a collective of this pair), so with
+    several processes it ends the run as a ``ProcessFailure``."""
     try:
-        stream = iter_pair_tables(mlm, ((p.input_ids, p.a, p.b) for p in todo), mesh=mesh,
-                                  chunk_size=config.chunk_size)
-        for pair, tables in zip(todo, stream):
-            metrics, unary = score_tables(tables, pair.gold, config.methods, config.ag_options(), mesh)
-            record = pair_record(pair, metrics, unary)
-            writer.append(record)
-            finished[pair.index] = record
-            progress.update()
-    finally:
-        writer.close()
-        progress.close()
-
-    summary = summarize(config, [finished[p.index] for p in pairs], skipped)
-    write_summary(out, summary)
-    if not quiet:
-        print(summary_markdown(summary), end="")
-    return summary
+        return score(pair)
+    except Exception as err:
+        if procs.count == 1:
+            raise
+        # A runtime error is most often a collective whose peer died: its message says so, a traceback would not.
+        if not isinstance(err, (UserError, jax.errors.JaxRuntimeError)):
+            traceback.print_exc()
+        raise ProcessFailure(f"sentence {pair.index} failed on process {procs.index} ({describe(err)}); "
+                             "if another process stopped, its output says why") from err
 
 
 # --- summaries ----------------------------------------------------------------------------------

@@ -1,0 +1,279 @@
+"""Multi-process evaluation: two CPU processes on localhost against one process.
+
+Every process here is a real ``jaxjoint evaluate`` with two host CPU devices. They
+share a persistent compilation cache, so the programs the reference run compiles
+are not compiled again by the distributed runs that use the same local mesh.
+"""
+
+import json
+import math
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from jaxjoint.cli import main
+from tests.hf_fixtures import WORDS
+from tests.test_evaluate import sharp_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "jaxjoint.cli"]
+WAIT_S = 300  # bound on any one run, so that a hang fails the test instead of stalling CI
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """(checkpoint, data file, environment of the child processes)."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    rng = random.Random(1)
+    data = tmp / "sentences.txt"
+    # 4-10 words: one length bucket, so each mesh compiles one set of programs.
+    data.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(4, 10))) for _ in range(24)) + "\n")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",  # replaces the 8 devices of conftest
+        "JAX_PLATFORMS": "cpu",
+        "HF_HUB_OFFLINE": "1",
+        "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+    }
+    return sharp_checkpoint(tmp / "ckpt", seed=2), data, env
+
+
+def evaluate_args(setup, out, *extra):
+    ckpt, data, _ = setup
+    return ["evaluate", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--ag-iters", "5",
+            "--quiet", *extra]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def start(setup, out, mode, *, extra=((), ()), env=None, cli=CLI):
+    """Two processes of one run; ``extra[k]``: more arguments for process k."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [*cli, *evaluate_args(setup, out, "--distributed", mode, "--coordinator", f"localhost:{port}",
+                                  "--num-processes", "2", "--process-id", str(k), *extra[k])],
+            cwd=REPO, env=setup[2] if env is None else env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True)
+        for k in range(2)
+    ]
+
+
+def finish(procs, timeout=WAIT_S):
+    """[(exit status, stderr)] of each process; kills all of them past ``timeout``."""
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail(f"a distributed run took more than {timeout} s: " + " | ".join(p.stderr.read() for p in procs))
+    finally:
+        for p in procs:
+            p.stdout.close()
+    results = [(p.returncode, p.stderr.read()) for p in procs]
+    for p in procs:
+        p.stderr.close()
+    return results
+
+
+def jaxjoint_lines(stderr: str) -> list[str]:
+    """Our lines of a process's stderr (Gloo and XLA log their own lines there too)."""
+    return [line for line in stderr.splitlines() if line.startswith("jaxjoint")]
+
+
+def error_line(stderr: str) -> str:
+    """The one error line of a process's stderr."""
+    lines = jaxjoint_lines(stderr)
+    assert len(lines) == 1 and lines[0].startswith("jaxjoint: error: "), stderr
+    return lines[0]
+
+
+def records(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "pairs.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """One process on two devices: the pairs and summary every distributed run must give."""
+    out = tmp_path_factory.mktemp("single") / "run"
+    proc = subprocess.run([*CLI, *evaluate_args(setup, out, "--devices", "2")], cwd=REPO, env=setup[2],
+                          capture_output=True, text=True, timeout=WAIT_S)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_pairs_mode_writes_what_one_process_writes(setup, reference, tmp_path):
+    out = tmp_path / "run"
+    for code, stderr in finish(start(setup, out, "pairs")):
+        assert code == 0 and not jaxjoint_lines(stderr), stderr
+    # Each process scores its pairs on the same two-device mesh as the reference:
+    # the same programs, so the same bytes.
+    assert (out / "pairs.jsonl").read_text() == (reference / "pairs.jsonl").read_text()
+    summary, want = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
+    assert {k: v for k, v in summary.items() if k != "config"} == {k: v for k, v in want.items() if k != "config"}
+    assert summary["config"]["distributed"] == "pairs"
+
+
+def test_global_mode_matches_one_process(setup, reference, tmp_path):
+    # HCB gathers a pivot row across processes and AG all-reduces in its loop; the
+    # other methods share their streaming passes. Two methods keep the compile short.
+    methods = ("hcb", "ag")
+    out = tmp_path / "run"
+    extra = ("--methods", ",".join(methods))
+    for code, stderr in finish(start(setup, out, "global", extra=(extra, extra))):
+        assert code == 0 and not jaxjoint_lines(stderr), stderr
+    got, want = records(out), records(reference)
+    assert [r["index"] for r in got] == [r["index"] for r in want]
+    for g, w in zip(got, want):
+        assert {k: g[k] for k in ("text", "input_ids", "positions", "gold")} == {
+            k: w[k] for k in ("text", "input_ids", "positions", "gold")}
+        assert close(g["mlm_unary_u_nll"], w["mlm_unary_u_nll"])
+        assert tuple(g["metrics"]) == methods
+        for method in methods:
+            assert g["metrics"][method].keys() == w["metrics"][method].keys()
+            for key, value in w["metrics"][method].items():
+                assert close(g["metrics"][method][key], value), (g["index"], method, key)
+    summary, ref = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
+    assert summary["n_pairs"] == ref["n_pairs"] and summary["n_skipped"] == ref["n_skipped"]
+    assert close(summary["mlm_unary_u_ppl"], ref["mlm_unary_u_ppl"])
+    for method in methods:
+        for key, value in ref["methods"][method].items():
+            assert close(summary["methods"][method][key], value), (method, key)
+
+
+def close(got: float, want: float) -> bool:
+    # The tables are row-sharded over four devices in two processes instead of two
+    # devices in one, so float32 sums run in another order. The KL terms are sums of
+    # O(1) terms that nearly cancel: their error is about 1e-7 whatever their size.
+    return math.isclose(got, want, rel_tol=1e-5, abs_tol=1e-6)
+
+
+# Runs a jaxjoint command in which process FAIL_PROCESS raises on its FAIL_AT-th pair.
+FAILING_CLI = """
+import os, sys
+import jax
+import jaxjoint.evaluate
+from jaxjoint.cli import main
+
+score_tables, calls = jaxjoint.evaluate.score_tables, []
+
+def failing(*args, **kwargs):
+    calls.append(1)
+    if jax.process_index() == int(os.environ["FAIL_PROCESS"]) and len(calls) == int(os.environ["FAIL_AT"]):
+        raise RuntimeError("injected failure")
+    return score_tables(*args, **kwargs)
+
+jaxjoint.evaluate.score_tables = failing
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_failures_stop_the_run_and_restarts_complete_it(setup, tmp_path):
+    """An error on one process, then a killed process, then a restart that completes the run."""
+    methods = ("--methods", "mlm,ag")  # fewer programs for process 1 to compile
+    reference = tmp_path / "single"
+    single = subprocess.run([*CLI, *evaluate_args(setup, reference, "--devices", "2", *methods)], cwd=REPO,
+                            env=setup[2], capture_output=True, text=True, timeout=WAIT_S)
+    assert single.returncode == 0, single.stderr
+    want = (reference / "pairs.jsonl").read_text().splitlines(keepends=True)
+    out = tmp_path / "run"
+    pairs = out / "pairs.jsonl"
+    saved = r"; the (\d+) finished pairs are saved in .*pairs\.jsonl: run the same command on every process to resume"
+
+    # Process 0 fails on its second pair, the first of round 2: process 1's pair of that round is kept.
+    (tmp_path / "failing_cli.py").write_text(FAILING_CLI)
+    env = {**setup[2], "FAIL_PROCESS": "0", "FAIL_AT": "2"}
+    for code, stderr in finish(start(setup, out, "pairs", extra=(methods, methods), env=env,
+                                     cli=[sys.executable, str(tmp_path / "failing_cli.py")])):
+        assert code == 2, stderr
+        line = error_line(stderr)
+        assert re.fullmatch(f"jaxjoint: error: process 0 on sentence 2 failed: RuntimeError: injected failure{saved}",
+                            line), line
+    assert pairs.read_text() == "".join(want[i] for i in (0, 1, 3))
+
+    # Process 1 is killed mid-way: process 0 says so, and keeps every complete round.
+    procs = start(setup, out, "pairs", extra=(methods, methods))
+    deadline = time.monotonic() + WAIT_S
+    try:
+        while pairs.read_bytes().count(b"\n") < 5:
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            assert time.monotonic() < deadline, "no round finished in time"
+            time.sleep(0.005)
+        os.kill(procs[1].pid, signal.SIGKILL)
+    finally:
+        (code, stderr), _ = finish(procs, timeout=120)
+    line = error_line(stderr)
+    assert code == 2 and re.fullmatch(f"jaxjoint: error: lost contact with another process .*{saved}", line), line
+    kept = pairs.read_text().splitlines(keepends=True)
+    assert kept[3:] == want[2:3] + want[4:len(kept)], "not the complete rounds in order"
+    assert len(kept) < len(want), "the run was not stopped mid-way"
+    assert not (out / "summary.json").exists()
+
+    # A restart completes the run: the same file as one process writes, in sentence order.
+    for code, stderr in finish(start(setup, out, "pairs", extra=(methods, methods))):
+        assert code == 0, stderr
+    assert pairs.read_text() == "".join(want)
+    assert json.loads((out / "summary.json").read_text())["methods"] == json.loads(
+        (reference / "summary.json").read_text())["methods"]
+
+
+def test_an_error_on_one_process_stops_all_with_one_line(setup, tmp_path):
+    """Errors found while loading are exchanged: every process names the one that failed."""
+    missing = start(setup, tmp_path / "a", "pairs", extra=((), ("--model", str(tmp_path / "no_model"))))
+    other_pairs = start(setup, tmp_path / "b", "pairs", extra=((), ("--seed", "7")))
+    (code0, err0), (code1, err1) = finish(missing)
+    assert code0 == code1 == 2, (err0, err1)
+    assert re.fullmatch(r"jaxjoint: error: process 1 failed: model path .*no_model does not exist",
+                        error_line(err0)), err0
+    assert re.fullmatch(r"jaxjoint: error: model path .*no_model does not exist", error_line(err1)), err1
+    for code, stderr in finish(other_pairs):
+        assert code == 2, stderr
+        assert re.fullmatch(r"jaxjoint: error: process 1 made other pairs, or has another model or settings, "
+                            r"than process 0; .*", error_line(stderr)), stderr
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--coordinator", "localhost:1234"], r"--coordinator, --num-processes and --process-id need --distributed"),
+    (["--distributed", "pairs", "--coordinator", "localhost:1234"], r"give --coordinator HOST:PORT, "
+     r"--num-processes N and --process-id K together"),
+    (["--distributed", "pairs", "--coordinator", "localhost", "--num-processes", "2", "--process-id", "0"],
+     r"--coordinator must be HOST:PORT, got 'localhost'"),
+    (["--distributed", "pairs", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
+     r"--process-id must be in \[0, 2\), got 2"),
+    (["--distributed", "all"], r"unknown distributed 'all'; choose one of none, pairs, global"),
+])
+def test_launch_errors(setup, tmp_path, capsys, extra, message):
+    assert main([*evaluate_args(setup, tmp_path / "out"), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_coordinator_port_in_use(setup, tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = ["--distributed", "pairs", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                "--process-id", "0"]
+        assert main([*evaluate_args(setup, tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"process 0 cannot listen on port {port} (Address already in use)" in err, err
+    assert not (tmp_path / "out").exists()
