@@ -38,7 +38,8 @@ class EvalConfig:
     devices: use the first N local devices (None: all); in ``global`` mode, of each process.
     distributed: ``none`` (one process), ``pairs`` or ``global`` (several processes,
       see ``jaxjoint.distributed``).
-    out: output directory.
+    out: output directory (default ``runs/<model>_<data>_<masking>`` under the
+      current directory, see ``default_out``).
     """
 
     model: str = DEFAULT_MODEL
@@ -110,9 +111,24 @@ def resolve_config(*layers: Mapping[str, Any]) -> EvalConfig:
                 merged[key] = value
     values = {key: _check(key, value) for key, value in merged.items()}
     config = EvalConfig(**values)
+    if config.out is None:
+        config = dataclasses.replace(config, out=_absolute("out", default_out(config)))
     if config.ag_tol is not None and "ag_iters" not in values:
         config = dataclasses.replace(config, ag_iters=AG_MAX_ITERS)
     return config
+
+
+def default_out(config: EvalConfig) -> str:
+    """``runs/<model>_<data>_<masking>``: the output directory when none is given.
+
+    Named after what the run is, so that two different runs started without
+    ``--out`` do not collide (a second run with other settings in the same
+    directory would be refused).
+    """
+    def name(value: str) -> str:
+        return Path(value.rstrip("/")).stem.replace("/", "-") or value
+
+    return str(Path("runs") / f"{name(config.model)}_{name(config.data)}_{config.masking}")
 
 
 def _check(key: str, value: Any) -> Any:

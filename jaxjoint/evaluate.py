@@ -353,7 +353,7 @@ def evaluate(config: EvalConfig, *, quiet: bool = False) -> dict[str, Any]:
     process stopped answering.
     """
     if config.out is None:
-        raise UserError("no output directory; give --out DIR (or 'out:' in the config file)")
+        raise UserError("no output directory; build the config with resolve_config or give out=DIR")
     out = Path(config.out)
     procs = processes(config.distributed)
     run = procs.agree(lambda: _prepare(config, out, read_out=procs.leader))

@@ -3,7 +3,8 @@
 Every method of DESIGN.md §1 (``mlm``, ``mrf``, ``mrf_logit``, ``hcb``, ``ag``) is
 represented lazily: a ``Joint`` keeps the input ``PairTables`` plus a few vectors and
 evaluates ``log p(a, b)`` cell by cell from them. Nothing V x V is allocated beyond
-the input tables unless ``Joint.to_dense`` is called.
+the input tables unless ``Joint.to_dense`` is called, except AG's loop-invariant
+``log(qA + qB)`` while AG iterates.
 
 Whole-table work (log Z, each AG iteration, the KL sums of J) is a streaming pass
 that walks the rows in blocks of ``block_rows``: a block of cells exists only while
@@ -204,7 +205,7 @@ def _to_dense(joint: Joint):
 
 
 def _fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
-    """Run ``step(carry, row_block) -> (carry, out[c])`` over consecutive row blocks.
+    """Run ``step(carry, row_block) -> (carry, out[c] or None)`` over consecutive row blocks.
 
     rows: arrays with a common leading dimension n. Returns the final carry and the
     per-row outputs, float32[n]. Full blocks go through ``lax.scan`` on dynamic
@@ -218,10 +219,10 @@ def _fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
         return step(carry, tuple(lax.dynamic_slice_in_dim(x, i * c, c) for x in rows))
 
     carry, outs = lax.scan(body, carry, jnp.arange(full))
-    outs = outs.reshape(full * c)
+    outs = None if outs is None else outs.reshape(full * c)
     if tail:
         carry, last = step(carry, tuple(x[full * c :] for x in rows))
-        outs = jnp.concatenate([outs, last])
+        outs = None if outs is None else jnp.concatenate([outs, last])
     return carry, outs
 
 
@@ -322,20 +323,88 @@ def _normalisers(tables: PairTables):
     return jax.nn.logsumexp(tables.logits_a, axis=0), jnp.where(jnp.isfinite(norm_b), norm_b, 0.0)
 
 
+# Bound on one cell dropped by float32 underflow in the AG column sums: the
+# smallest normal number (terms below it are flushed to zero or lose precision).
+_SMALLEST_NORMAL = float(jnp.finfo(jnp.float32).tiny)
+# A column sum is trusted when the dropped cells cannot change it by more than
+# float32's own resolution: sum >= 2^24 x (their bound).
+_LOG_TRUST = 24 * math.log(2.0)
+
+
+def _ag_log_s(fa, fb, norm_a, norm_b):
+    """float32[n, V]: ``log(qA(a|b) + qB(b|a))``, AG's loop-invariant part, once per pair.
+
+    fa, fb: local rows of the logit tables; norm_a float32[V], norm_b float32[n].
+    """
+    log_qa, log_qb = fa - norm_a[None, :], fb - norm_b[:, None]
+    hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
+    return hi + jnp.log(1 + _exp_gap(lo, hi))
+
+
+def _ag_cells(log_s, log_pa, log_pb):
+    """AG's unnormalised cells of a row block as ``(top, ratio)``: ``log p~(a, b) =
+    top + log(ratio)``, ``p~ = (qA + qB) pA pB / (pA + pB)``, ratio in [1/2, 1]."""
+    hi, lo = jnp.maximum(log_pa[:, None], log_pb[None, :]), jnp.minimum(log_pa[:, None], log_pb[None, :])
+    return log_s + lo, 1 / (1 + _exp_gap(lo, hi))
+
+
+def _finite_or_zero(x):
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def _local_ag_sums(log_s, log_pa, log_pb, block_rows: int):
+    """One AG pass over the local rows: (row logsumexps float32[n], column
+    logsumexps over all devices float32[V]) of the cells ``_ag_cells``.
+
+    One exp per cell serves both sums: each row is shifted by its own maximum
+    (exact for the rows) and the column sums weight the rows by exp(row max -
+    block max). A cell that underflows there is below float32's smallest normal
+    in units of its block's maximum, so the columns' possible loss is bounded by a
+    scalar; a column whose sum is not 2^24 times that bound (peaked tables, tiny
+    marginals) makes the pass recompute the columns exactly, one exp per cell more.
+    """
+    v = log_s.shape[1]
+
+    def step(carry, block):
+        col_lse, lost = carry
+        top, ratio = _ag_cells(block[0], block[1], log_pb)
+        row_max = top.max(axis=1)
+        w = jnp.exp(top - _finite_or_zero(row_max)[:, None]) * ratio
+        block_max = row_max.max()
+        shift = _finite_or_zero(block_max)
+        col_sum = (w * jnp.exp(row_max - shift)[:, None]).sum(axis=0)
+        lost = jnp.logaddexp(lost, block_max + math.log(top.shape[0] * _SMALLEST_NORMAL))
+        row_lse = jnp.log(w.sum(axis=1)) + _finite_or_zero(row_max)
+        return (jnp.logaddexp(col_lse, jnp.log(col_sum) + shift), lost), row_lse
+
+    def exact_columns():
+        def step(col_lse, block):
+            top, ratio = _ag_cells(block[0], block[1], log_pb)
+            return jnp.logaddexp(col_lse, _logsumexp_parts(top, ratio, 0)), None
+
+        return _fold_rows(step, init, (log_s, log_pa), block_rows)[0]
+
+    init = lax.pcast(jnp.full((v,), -jnp.inf), VOCAB_AXIS, to="varying")
+    (col_lse, lost), row_lse = _fold_rows(step, (init, init[0]), (log_s, log_pa), block_rows)
+    col_lse = lax.cond(jnp.any(col_lse < lost + _LOG_TRUST), exact_columns, lambda: col_lse)
+    return row_lse, _logsumexp_across_devices(col_lse)
+
+
 def _ag_loop(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
     """Arnold-Gokhale from the uniform joint; see ``derive_joint``.
 
     Returns (log pA of the previous iterate [Vp], log pB of it [V], log Z,
     log pA [Vp], log pB [V] of the last iterate, iterations, last L1 change).
     """
-    cell = _block_cell("ag")
     v = fa.shape[1]
 
     def local(fa, fb, norm_b, log_pa, norm_a, log_pb, max_steps, tol):
+        # One local table more than the inputs, so each iteration reads one table.
+        log_s = _ag_log_s(fa, fb, norm_a, norm_b)
+
         def step(state):
             i, _, _, log_pa, log_pb, _, _ = state
-            rows, cols = (fa, fb, norm_b, log_pa), (norm_a, log_pb)
-            row_lse, col_lse = _local_row_col_lse(cell, rows, cols, block_rows)
+            row_lse, col_lse = _local_ag_sums(log_s, log_pa, log_pb, block_rows)
             log_z = jax.nn.logsumexp(col_lse)
             new_pa, new_pb = row_lse - log_z, col_lse - log_z
             l1 = lax.psum(jnp.abs(jnp.exp(new_pa) - jnp.exp(log_pa)).sum(), VOCAB_AXIS)
@@ -445,6 +514,8 @@ def derive_joint(
           until the L1 change of the two marginals is < tol, at most ``max_iters``
           (default 10000) iterations. float32 rounding puts a floor of about 1e-7
           (growing with V) under that change: a smaller tol runs to ``max_iters``.
+          The loop holds one table beside the inputs, log(qA + qB) of the local
+          rows, so that each iteration reads one table, not two.
 
     Returns:
       A lazy ``Joint``; for ag, ``joint.info`` has ``iterations``, ``l1_change``

@@ -114,8 +114,10 @@ def tables_from_logits(
 # --- computing the tables from a model ---------------------------------------------
 
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
-# On CPU hosts, where the device reports no memory limit, activations get this much.
-DEFAULT_CPU_BUDGET_BYTES = 1 << 30
+# On CPU hosts, where the device reports no memory limit, activations get this much:
+# chunks that stay near the 32 MiB L3 cache run 1.4-1.8x faster than 1 GiB ones
+# (bert-base and the default model on the 2-core EPYC, benchmarks/RESULTS.md).
+DEFAULT_CPU_BUDGET_BYTES = 1 << 26
 
 
 def bucket_length(length: int, max_positions: int) -> int:
