@@ -130,7 +130,7 @@ def main() -> None:
                     total = sum(s.values())
                     flops = pair_flops(mlm.config, bucket_length(length, mlm.config.max_positions))
                     v = mlm.vocab_size
-                    ag_bytes = 4 * v * v  # one iteration reads the table log(qA + qB) once
+                    ag_bytes = 4 * v * v  # one iteration reads the table qA + qB once
                     row = {
                         "shape": shape, "V": v, "length": length, "dtype": dtype,
                         "devices": jax.device_count(), **{f"s_{k}": x for k, x in s.items()},

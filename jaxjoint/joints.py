@@ -4,7 +4,7 @@ Every method of DESIGN.md §1 (``mlm``, ``mrf``, ``mrf_logit``, ``hcb``, ``ag``)
 represented lazily: a ``Joint`` keeps the input ``PairTables`` plus a few vectors and
 evaluates ``log p(a, b)`` cell by cell from them. Nothing V x V is allocated beyond
 the input tables unless ``Joint.to_dense`` is called, except AG's loop-invariant
-``log(qA + qB)`` while AG iterates.
+``qA + qB`` while AG iterates.
 
 Whole-table work (log Z, each AG iteration, the KL sums of J) is a streaming pass
 that walks the rows in blocks of ``block_rows``: a block of cells exists only while
@@ -14,7 +14,10 @@ own rows; only per-column results (V floats: a pmax and a psum) and scalars cros
 devices. Without a mesh the same code runs on a one-device mesh: one code path.
 
 Everything is in log space: log-probabilities of float32 logits never underflow,
-so peaked (low-temperature) tables give finite log-probabilities, never NaN.
+so peaked (low-temperature) tables give finite log-probabilities, never NaN. The
+one exception is the inner loop of AG, which runs in scaled probability space (a
+division per cell instead of four exps) and redoes an iteration in log space
+whenever float32 underflow could have touched its sums (``_local_ag_sums``).
 """
 
 from __future__ import annotations
@@ -249,7 +252,7 @@ def _logsumexp_parts(top, ratio, axis: int):
 
 def _local_row_col_lse(cell: Callable, rows: tuple, cols: tuple, block_rows: int):
     """One pass over the local rows: logsumexp of the cells over b for each local
-    row (float32[n]) and over all rows of all devices for each column b (float32[V]).
+    row (float32[n]) and over this device's rows for each column b (float32[V]).
     ``cell(block, cols)`` gives a block's cells as ``(top, ratio)`` (``_cell_parts``)."""
     v = rows[0].shape[1]
 
@@ -260,7 +263,7 @@ def _local_row_col_lse(cell: Callable, rows: tuple, cols: tuple, block_rows: int
 
     init = lax.pcast(jnp.full((v,), -jnp.inf), VOCAB_AXIS, to="varying")
     col_lse, row_lse = _fold_rows(step, init, rows, block_rows)
-    return row_lse, _logsumexp_across_devices(col_lse)
+    return row_lse, col_lse
 
 
 def kl_terms(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
@@ -302,7 +305,10 @@ def _shard(mesh: Mesh, fn: Callable, in_specs, out_specs) -> Callable:
 
 def _row_col_lse(mesh, block_rows, cell, rows, cols):
     """float32[Vp], float32[V]: logsumexp of the (top, ratio) cells along b and along a."""
-    fn = functools.partial(_local_row_col_lse, cell, block_rows=block_rows)
+    def fn(rows, cols):
+        row_lse, col_lse = _local_row_col_lse(cell, rows, cols, block_rows)
+        return row_lse, _logsumexp_across_devices(col_lse)
+
     return _shard(mesh, fn, (_ROWS, _REPL), (_ROWS, _REPL))(rows, cols)
 
 
@@ -323,71 +329,66 @@ def _normalisers(tables: PairTables):
     return jax.nn.logsumexp(tables.logits_a, axis=0), jnp.where(jnp.isfinite(norm_b), norm_b, 0.0)
 
 
-# Bound on one cell dropped by float32 underflow in the AG column sums: the
-# smallest normal number (terms below it are flushed to zero or lose precision).
+# Bound on one term dropped by float32 underflow in AG's sums: the smallest
+# normal number (terms below it are flushed to zero or lose precision).
 _SMALLEST_NORMAL = float(jnp.finfo(jnp.float32).tiny)
-# A column sum is trusted when the dropped cells cannot change it by more than
-# float32's own resolution: sum >= 2^24 x (their bound).
-_LOG_TRUST = 24 * math.log(2.0)
+# A sum is trusted when its dropped terms cannot change it by more than float32's
+# own resolution: sum >= 2^24 x (their bound).
+_TRUST = 2.0**24
 
 
-def _ag_log_s(fa, fb, norm_a, norm_b):
-    """float32[n, V]: ``log(qA(a|b) + qB(b|a))``, AG's loop-invariant part, once per pair.
+def _ag_table(fa, fb, norm_a, norm_b):
+    """AG's loop-invariant part, once per pair: ``qA(a|b) + qB(b|a) = E[a, b] e^s[a]``.
 
-    fa, fb: local rows of the logit tables; norm_a float32[V], norm_b float32[n].
+    fa, fb: local rows of the logit tables float32[n, V]; norm_a float32[V],
+    norm_b float32[n]. Returns E float32[n, V] (each row scaled to a maximum of
+    1) and s float32[n] (-inf on padding rows, where E is 0).
     """
     log_qa, log_qb = fa - norm_a[None, :], fb - norm_b[:, None]
     hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
-    return hi + jnp.log(1 + _exp_gap(lo, hi))
-
-
-def _ag_cells(log_s, log_pa, log_pb):
-    """AG's unnormalised cells of a row block as ``(top, ratio)``: ``log p~(a, b) =
-    top + log(ratio)``, ``p~ = (qA + qB) pA pB / (pA + pB)``, ratio in [1/2, 1]."""
-    hi, lo = jnp.maximum(log_pa[:, None], log_pb[None, :]), jnp.minimum(log_pa[:, None], log_pb[None, :])
-    return log_s + lo, 1 / (1 + _exp_gap(lo, hi))
+    log_s = hi + jnp.log(1 + _exp_gap(lo, hi))
+    row_max = log_s.max(axis=1)
+    return jnp.exp(log_s - _finite_or_zero(row_max)[:, None]), row_max
 
 
 def _finite_or_zero(x):
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _local_ag_sums(log_s, log_pa, log_pb, block_rows: int):
-    """One AG pass over the local rows: (row logsumexps float32[n], column
-    logsumexps over all devices float32[V]) of the cells ``_ag_cells``.
+def _local_ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
+    """One AG pass over the local rows: (row logsumexps float32[n], this device's
+    column logsumexps float32[V]) of ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
 
-    One exp per cell serves both sums: each row is shifted by its own maximum
-    (exact for the rows) and the column sums weight the rows by exp(row max -
-    block max). A cell that underflows there is below float32's smallest normal
-    in units of its block's maximum, so the columns' possible loss is bounded by a
-    scalar; a column whose sum is not 2^24 times that bound (peaked tables, tiny
-    marginals) makes the pass recompute the columns exactly, one exp per cell more.
+    In probability space, scaled so that nothing overflows: with c = max log pB,
+    u = e^(c - log pA) and w = e^(c - log pB) (both >= 1/V),
+    ``p~ = E[a, b] / (u[a] + w[b]) x e^(s[a] + c)``: a division per cell, no
+    transcendental. A term of a sum that underflows there is below float32's
+    smallest normal; when a row or column sum is not 2^24 times the most those
+    terms can add up to (marginals or conditionals more than ~60 nats apart), the
+    pass is redone by ``exact()``, in log space, with four exps per cell.
     """
-    v = log_s.shape[1]
+    e, s = table
+    c = log_pb.max()
+    w = jnp.exp(c - log_pb)
+    valid = jnp.isfinite(s)
+    s_max = _finite_or_zero(jnp.where(valid, s, -jnp.inf).max())
+    weight = jnp.exp(s - s_max)  # per row, for the column sums; 0 on padding
 
-    def step(carry, block):
-        col_lse, lost = carry
-        top, ratio = _ag_cells(block[0], block[1], log_pb)
-        row_max = top.max(axis=1)
-        w = jnp.exp(top - _finite_or_zero(row_max)[:, None]) * ratio
-        block_max = row_max.max()
-        shift = _finite_or_zero(block_max)
-        col_sum = (w * jnp.exp(row_max - shift)[:, None]).sum(axis=0)
-        lost = jnp.logaddexp(lost, block_max + math.log(top.shape[0] * _SMALLEST_NORMAL))
-        row_lse = jnp.log(w.sum(axis=1)) + _finite_or_zero(row_max)
-        return (jnp.logaddexp(col_lse, jnp.log(col_sum) + shift), lost), row_lse
+    def step(col_sum, block):
+        e, log_pa, weight = block
+        x = e / (jnp.exp(c - log_pa)[:, None] + w[None, :])
+        return col_sum + (x * weight[:, None]).sum(axis=0), x.sum(axis=1)
 
-    def exact_columns():
-        def step(col_lse, block):
-            top, ratio = _ag_cells(block[0], block[1], log_pb)
-            return jnp.logaddexp(col_lse, _logsumexp_parts(top, ratio, 0)), None
+    init = lax.pcast(jnp.zeros(w.shape), VOCAB_AXIS, to="varying")
+    col_sum, row_sum = _fold_rows(step, init, (e, log_pa, weight), block_rows)
+    n, v = e.shape
+    trusted = jnp.all((row_sum >= _TRUST * v * _SMALLEST_NORMAL) | ~valid)
+    trusted &= jnp.all(col_sum >= _TRUST * n * _SMALLEST_NORMAL) | ~jnp.any(valid)
 
-        return _fold_rows(step, init, (log_s, log_pa), block_rows)[0]
+    def fast():
+        return jnp.log(row_sum) + s + c, jnp.log(col_sum) + s_max + c
 
-    init = lax.pcast(jnp.full((v,), -jnp.inf), VOCAB_AXIS, to="varying")
-    (col_lse, lost), row_lse = _fold_rows(step, (init, init[0]), (log_s, log_pa), block_rows)
-    col_lse = lax.cond(jnp.any(col_lse < lost + _LOG_TRUST), exact_columns, lambda: col_lse)
-    return row_lse, _logsumexp_across_devices(col_lse)
+    return lax.cond(trusted, fast, exact)
 
 
 def _ag_loop(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
@@ -398,13 +399,17 @@ def _ag_loop(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
     """
     v = fa.shape[1]
 
+    cell = _block_cell("ag")
+
     def local(fa, fb, norm_b, log_pa, norm_a, log_pb, max_steps, tol):
         # One local table more than the inputs, so each iteration reads one table.
-        log_s = _ag_log_s(fa, fb, norm_a, norm_b)
+        table = _ag_table(fa, fb, norm_a, norm_b)
 
         def step(state):
             i, _, _, log_pa, log_pb, _, _ = state
-            row_lse, col_lse = _local_ag_sums(log_s, log_pa, log_pb, block_rows)
+            exact = lambda: _local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
+            row_lse, col_lse = _local_ag_sums(table, log_pa, log_pb, exact, block_rows)
+            col_lse = _logsumexp_across_devices(col_lse)
             log_z = jax.nn.logsumexp(col_lse)
             new_pa, new_pb = row_lse - log_z, col_lse - log_z
             l1 = lax.psum(jnp.abs(jnp.exp(new_pa) - jnp.exp(log_pa)).sum(), VOCAB_AXIS)
@@ -514,8 +519,8 @@ def derive_joint(
           until the L1 change of the two marginals is < tol, at most ``max_iters``
           (default 10000) iterations. float32 rounding puts a floor of about 1e-7
           (growing with V) under that change: a smaller tol runs to ``max_iters``.
-          The loop holds one table beside the inputs, log(qA + qB) of the local
-          rows, so that each iteration reads one table, not two.
+          The loop holds one table beside the inputs, qA + qB of the local rows
+          (row-scaled), so that each iteration reads one table, not two.
 
     Returns:
       A lazy ``Joint``; for ag, ``joint.info`` has ``iterations``, ``l1_change``

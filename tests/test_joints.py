@@ -258,9 +258,11 @@ def test_fixed_count_is_the_papers():
     assert int(derive_joint(raw.tables(), "ag").info["iterations"]) == 40
 
 
-def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int):
+def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
     """One pass of AG's loop (``joints._local_ag_sums``) at the marginals given:
-    (row logsumexps [Vp], column logsumexps [V]) of its unnormalised cells."""
+    (row logsumexps [Vp], column logsumexps [V]) of its unnormalised cells. Without
+    ``fallback`` the exact log-space recomputation returns NaN, so that a result
+    shows which path made it."""
     tables = shard_tables(raw.tables(padded_vocab_size=vp), mesh)
     v = raw.fa.shape[0]
     log_pa = jax.device_put(np.pad(log_pa, (0, vp - v), constant_values=-np.inf).astype(np.float32),
@@ -268,8 +270,14 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int):
     rows, repl = row_sharding(mesh).spec, replicated(mesh).spec
 
     def local(fa, fb, norm_b, norm_a, log_pa, log_pb):
-        log_s = joints._ag_log_s(fa, fb, norm_a, norm_b)
-        return joints._local_ag_sums(log_s, log_pa, log_pb, block_rows=3)
+        def exact():
+            row, col = joints._local_row_col_lse(joints._block_cell("ag"), (fa, fb, norm_b, log_pa),
+                                                 (norm_a, log_pb), block_rows=3)
+            return (row, col) if fallback else (row * jnp.nan, col * jnp.nan)
+
+        table = joints._ag_table(fa, fb, norm_a, norm_b)
+        row, col = joints._local_ag_sums(table, log_pa, log_pb, exact, block_rows=3)
+        return row, joints._logsumexp_across_devices(col)
 
     norm_a, norm_b = joints._normalisers(tables)
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, repl, rows, repl),
@@ -278,25 +286,30 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int):
 
 
 @pytest.mark.parametrize("devices", [1, 8])
-def test_ag_pass_at_marginals_beyond_float32_range(devices, monkeypatch):
-    """Marginals from 1 to e^-200: the column sums detect that the cells of column 5
-    and row 7 fall below float32 relative to their blocks and recompute exactly;
-    without that recomputation column 5 is lost."""
+def test_ag_pass_in_and_beyond_float32_range(devices, monkeypatch):
+    """Marginals within e^-3 of each other: the probability-space pass alone is
+    exact. Marginals down to e^-200: the cells of column 5 and row 7 underflow
+    there, the pass detects it and recomputes in log space; without that
+    recomputation column 5 is lost."""
     v = 33
     mesh = make_mesh(jax.devices()[:devices])
     vp = padded_size(v, mesh)
     raw = random_raw(v, 1.0, seed=9)
+    lqa, lqb = raw.log_q()
     rng = np.random.default_rng(9)
     log_pa, log_pb = -3 * rng.random(v), -3 * rng.random(v)
-    log_pb[5], log_pa[7] = -200.0, -150.0
-    lqa, lqb = raw.log_q()
-    cells = np.logaddexp(lqa, lqb) - np.logaddexp(-log_pa[:, None], -log_pb[None, :])
-    row_lse, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp)
-    assert np.all(np.isneginf(np.asarray(row_lse)[v:]))
-    assert_close(np.asarray(row_lse)[:v], logsumexp(cells, axis=1), rtol=1e-6)
-    assert_close(col_lse, logsumexp(cells, axis=0), rtol=1e-6)
 
-    monkeypatch.setattr(joints, "_LOG_TRUST", -np.inf)  # never recompute
+    def check(row_lse, col_lse):
+        cells = np.logaddexp(lqa, lqb) - np.logaddexp(-log_pa[:, None], -log_pb[None, :])
+        assert np.all(np.isneginf(np.asarray(row_lse)[v:]))
+        assert_close(np.asarray(row_lse)[:v], logsumexp(cells, axis=1), rtol=1e-6)
+        assert_close(col_lse, logsumexp(cells, axis=0), rtol=1e-6)
+
+    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, fallback=False))
+    log_pb[5], log_pa[7] = -200.0, -150.0
+    check(*ag_pass(raw, log_pa, log_pb, mesh, vp))
+
+    monkeypatch.setattr(joints, "_TRUST", 0.0)  # trust every sum: never recompute
     _, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp)
     assert not np.isfinite(np.asarray(col_lse)[5])
 
