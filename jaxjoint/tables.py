@@ -299,8 +299,11 @@ def _dispatch(mlm: MaskedLM, prep: _Prepared, *, mesh: Mesh | None, chunk_size: 
     vocab = mlm.vocab_size
     rows = padded_size(vocab, mesh)
     if chunk_size is None:
+        # A device of this process: only those report their memory. (On a mesh over
+        # several processes, pass chunk_size so that all compile the same program.)
+        device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
         chunk_size = default_chunk_size(
-            mlm.config, prep.input_ids.shape[0], model.dtype, memory_budget_bytes(mesh.devices.flat[0]))
+            mlm.config, prep.input_ids.shape[0], model.dtype, memory_budget_bytes(device))
     n_chunks, chunk = _chunking(rows // mesh_size(mesh), chunk_size)
 
     params = mlm.params_on(replicated(mesh))
