@@ -9,6 +9,7 @@ unexpected error exits at once (``distributed.exit_now``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from typing import NoReturn, Sequence
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jaxjoint`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    # jaxjoint uses transformers for tokenizers only: its "PyTorch was not found" advice is noise here.
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
@@ -234,7 +237,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\njaxjoint: interrupted", file=sys.stderr)
         return 130
-
 
 
 if __name__ == "__main__":

@@ -360,9 +360,9 @@ def _local_ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
     column logsumexps float32[V]) of ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
 
     In probability space, scaled so that nothing overflows: with c = max log pB,
-    u = e^(c - log pA) and w = e^(c - log pB) (both >= 1/V),
-    ``p~ = E[a, b] / (u[a] + w[b]) x e^(s[a] + c)``: a division per cell, no
-    transcendental. A term of a sum that underflows there is below float32's
+    u = e^(c - log pA) >= 1/V and w = e^(c - log pB) >= 1,
+    ``p~ = E[a, b] / (u[a] + w[b]) x e^(s[a] + c)``, every term of the sums at
+    most 1: a division per cell, no transcendental. A term of a sum that underflows there is below float32's
     smallest normal; when a row or column sum is not 2^24 times the most those
     terms can add up to (marginals or conditionals more than ~60 nats apart), the
     pass is redone by ``exact()``, in log space, with four exps per cell.
@@ -398,7 +398,6 @@ def _ag_loop(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
     log pA [Vp], log pB [V] of the last iterate, iterations, last L1 change).
     """
     v = fa.shape[1]
-
     cell = _block_cell("ag")
 
     def local(fa, fb, norm_b, log_pa, norm_a, log_pb, max_steps, tol):

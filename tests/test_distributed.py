@@ -148,7 +148,12 @@ def test_global_mode_matches_one_process(setup, reference, tmp_path):
         for method in methods:
             assert g["metrics"][method].keys() == w["metrics"][method].keys()
             for key, value in w["metrics"][method].items():
-                assert close(g["metrics"][method][key], value), (g["index"], method, key)
+                if key == "objective":
+                    # J sums 2V KLs, each good to ~1e-6 in float32: against float64 it is
+                    # off by up to 3e-5 relative on these tables, on any device count.
+                    assert math.isclose(g["metrics"][method][key], value, rel_tol=1e-4), (g["index"], key)
+                else:
+                    assert close(g["metrics"][method][key], value), (g["index"], method, key)
     summary, ref = (json.loads((d / "summary.json").read_text()) for d in (out, reference))
     assert summary["n_pairs"] == ref["n_pairs"] and summary["n_skipped"] == ref["n_skipped"]
     assert close(summary["mlm_unary_u_ppl"], ref["mlm_unary_u_ppl"])

@@ -1,0 +1,37 @@
+"""The end-to-end benchmark runs from the repository and reports every field it promises.
+
+Nothing here checks a time: the numbers are whatever this machine gives.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("mlm", "mrf", "mrf_logit", "hcb", "ag")
+
+
+def test_end_to_end_json_has_every_field(tmp_path):
+    out = tmp_path / "e2e.json"
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    run = subprocess.run(
+        [sys.executable, "-m", "benchmarks.end_to_end", "--shape", "default", "--length", "16",
+         "--repeats", "1", "--ag-iters", "5", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert {"backend", "device", "device_count", "cpu", "jax", "flax", "date"} <= set(report["machine"])
+    assert report["matmul_peak_flop_per_s"]["float32"] > 0 and report["bandwidth_bytes_per_s"] > 0
+    (row,) = report["results"]
+    assert row["shape"] == "default" and row["V"] == 4096 and row["devices"] == 2
+    per_stage = ["s_tables", *[f"s_joint_{m}" for m in METHODS], "s_metrics"]
+    for key in per_stage + ["s_total", "pairs_per_s", "flops_per_pair", "tables_flop_per_s",
+                            "fraction_of_peak", "ag_bytes_per_s", "ag_fraction_of_bandwidth",
+                            "baseline_s_tables", "baseline_s_joints", "baseline_s_metrics",
+                            "baseline_s_total", "speedup_vs_baseline"]:
+        assert row[key] > 0, key
+    assert abs(row["s_total"] - sum(row[k] for k in per_stage)) < 1e-9
+    assert abs(row["speedup_vs_baseline"] - row["baseline_s_total"] / row["s_total"]) < 1e-9
+    assert "speedup_vs_baseline" in run.stdout
