@@ -7,7 +7,7 @@ py=${PYTHON:-.venv/bin/python}
 out=benchmarks/results/cpu
 mkdir -p "$out"
 $py -m benchmarks.tables_throughput --shape default --length 16 32 --chunk 128 512 2048 --json "$out/tables_default.json"
-$py -m benchmarks.tables_throughput --shape bert-base-cased --length 32 --rows 512 --chunk 32 128 --json "$out/tables_bert_base.json"
+$py -m benchmarks.tables_throughput --shape bert-base-cased --length 32 --rows 128 --chunk 32 128 --json "$out/tables_bert_base.json"
 $py -m benchmarks.ag_iteration --vocab 2048 --json "$out/ag_iteration_2048.json"
 $py -m benchmarks.ag_iteration --vocab 4096 --json "$out/ag_iteration_4096.json"
 $py -m benchmarks.ag_iteration --vocab 8192 --json "$out/ag_iteration_8192.json"
