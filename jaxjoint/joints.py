@@ -17,7 +17,7 @@ Everything is in log space: log-probabilities of float32 logits never underflow,
 so peaked (low-temperature) tables give finite log-probabilities, never NaN. The
 one exception is the inner loop of AG, which runs in scaled probability space (a
 division per cell instead of four exps) and redoes an iteration in log space
-whenever float32 underflow could have touched its sums (``_local_ag_sums``).
+whenever float32 underflow could have touched its sums (``_ag_sums``).
 """
 
 from __future__ import annotations
@@ -208,7 +208,7 @@ def _to_dense(joint: Joint):
 
 
 def _fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
-    """Run ``step(carry, row_block) -> (carry, out[c] or None)`` over consecutive row blocks.
+    """Run ``step(carry, row_block) -> (carry, out[c])`` over consecutive row blocks.
 
     rows: arrays with a common leading dimension n. Returns the final carry and the
     per-row outputs, float32[n]. Full blocks go through ``lax.scan`` on dynamic
@@ -222,10 +222,10 @@ def _fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
         return step(carry, tuple(lax.dynamic_slice_in_dim(x, i * c, c) for x in rows))
 
     carry, outs = lax.scan(body, carry, jnp.arange(full))
-    outs = None if outs is None else outs.reshape(full * c)
+    outs = outs.reshape(full * c)
     if tail:
         carry, last = step(carry, tuple(x[full * c :] for x in rows))
-        outs = None if outs is None else jnp.concatenate([outs, last])
+        outs = jnp.concatenate([outs, last])
     return carry, outs
 
 
@@ -355,17 +355,21 @@ def _finite_or_zero(x):
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
-def _local_ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
-    """One AG pass over the local rows: (row logsumexps float32[n], this device's
-    column logsumexps float32[V]) of ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
+def _ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
+    """One AG pass, inside ``shard_map``: (row logsumexps of the local rows
+    float32[n], column logsumexps over all devices float32[V]) of
+    ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
 
     In probability space, scaled so that nothing overflows: with c = max log pB,
     u = e^(c - log pA) >= 1/V and w = e^(c - log pB) >= 1,
     ``p~ = E[a, b] / (u[a] + w[b]) x e^(s[a] + c)``, every term of the sums at
-    most 1: a division per cell, no transcendental. A term of a sum that underflows there is below float32's
-    smallest normal; when a row or column sum is not 2^24 times the most those
-    terms can add up to (marginals or conditionals more than ~60 nats apart), the
-    pass is redone by ``exact()``, in log space, with four exps per cell.
+    most 1: a division per cell, no transcendental. A term that underflows there
+    is below float32's smallest normal; when a row sum, or a column's total over
+    all devices, is not 2^24 times the most such terms can add up to (marginals
+    or conditionals more than ~60 nats apart), every device redoes the pass with
+    ``exact()`` (its local rows and columns, in log space, four exps per cell).
+    The decision is taken on all-reduced values, so it is the same on every
+    device and does not depend on how the rows are split.
     """
     e, s = table
     c = log_pb.max()
@@ -382,13 +386,23 @@ def _local_ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
     init = lax.pcast(jnp.zeros(w.shape), VOCAB_AXIS, to="varying")
     col_sum, row_sum = _fold_rows(step, init, (e, log_pa, weight), block_rows)
     n, v = e.shape
-    trusted = jnp.all((row_sum >= _TRUST * v * _SMALLEST_NORMAL) | ~valid)
-    trusted &= jnp.all(col_sum >= _TRUST * n * _SMALLEST_NORMAL) | ~jnp.any(valid)
+    rows_lost = ~jnp.all((row_sum >= _TRUST * v * _SMALLEST_NORMAL) | ~valid)
+    # One all-reduce carries the columns, the bound on what they may have lost,
+    # and (as log of a count) whether any device lost a row sum.
+    local = jnp.concatenate([
+        jnp.log(col_sum) + s_max + c,
+        jnp.where(jnp.any(valid), math.log(n * _SMALLEST_NORMAL) + s_max + c, -jnp.inf)[None],
+        jnp.where(rows_lost, 0.0, -jnp.inf)[None],
+    ])
+    total = _logsumexp_across_devices(local)
+    col_lse, lost, any_rows_lost = total[:v], total[v], total[v + 1]
+    trusted = jnp.all(col_lse >= lost + jnp.log(_TRUST)) & jnp.isneginf(any_rows_lost)
 
-    def fast():
-        return jnp.log(row_sum) + s + c, jnp.log(col_sum) + s_max + c
+    def redo():
+        row_lse, col_lse = exact()
+        return row_lse, _logsumexp_across_devices(col_lse)
 
-    return lax.cond(trusted, fast, exact)
+    return lax.cond(trusted, lambda: (jnp.log(row_sum) + s + c, col_lse), redo)
 
 
 def _ag_loop(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
@@ -407,8 +421,7 @@ def _ag_loop(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
         def step(state):
             i, _, _, log_pa, log_pb, _, _ = state
             exact = lambda: _local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
-            row_lse, col_lse = _local_ag_sums(table, log_pa, log_pb, exact, block_rows)
-            col_lse = _logsumexp_across_devices(col_lse)
+            row_lse, col_lse = _ag_sums(table, log_pa, log_pb, exact, block_rows)
             log_z = jax.nn.logsumexp(col_lse)
             new_pa, new_pb = row_lse - log_z, col_lse - log_z
             l1 = lax.psum(jnp.abs(jnp.exp(new_pa) - jnp.exp(log_pa)).sum(), VOCAB_AXIS)

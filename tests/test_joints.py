@@ -259,7 +259,7 @@ def test_fixed_count_is_the_papers():
 
 
 def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
-    """One pass of AG's loop (``joints._local_ag_sums``) at the marginals given:
+    """One pass of AG's loop (``joints._ag_sums``) at the marginals given:
     (row logsumexps [Vp], column logsumexps [V]) of its unnormalised cells. Without
     ``fallback`` the exact log-space recomputation returns NaN, so that a result
     shows which path made it."""
@@ -276,8 +276,7 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
             return (row, col) if fallback else (row * jnp.nan, col * jnp.nan)
 
         table = joints._ag_table(fa, fb, norm_a, norm_b)
-        row, col = joints._local_ag_sums(table, log_pa, log_pb, exact, block_rows=3)
-        return row, joints._logsumexp_across_devices(col)
+        return joints._ag_sums(table, log_pa, log_pb, exact, block_rows=3)
 
     norm_a, norm_b = joints._normalisers(tables)
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, repl, rows, repl),
@@ -288,9 +287,9 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
 @pytest.mark.parametrize("devices", [1, 8])
 def test_ag_pass_in_and_beyond_float32_range(devices, monkeypatch):
     """Marginals within e^-3 of each other: the probability-space pass alone is
-    exact. Marginals down to e^-200: the cells of column 5 and row 7 underflow
-    there, the pass detects it and recomputes in log space; without that
-    recomputation column 5 is lost."""
+    exact. A marginal of e^-150 at row 7, then also e^-200 at column 5: their
+    cells underflow there, the pass detects each and recomputes in log space;
+    without that recomputation row 7 and column 5 are lost."""
     v = 33
     mesh = make_mesh(jax.devices()[:devices])
     vp = padded_size(v, mesh)
@@ -306,12 +305,14 @@ def test_ag_pass_in_and_beyond_float32_range(devices, monkeypatch):
         assert_close(col_lse, logsumexp(cells, axis=0), rtol=1e-6)
 
     check(*ag_pass(raw, log_pa, log_pb, mesh, vp, fallback=False))
-    log_pb[5], log_pa[7] = -200.0, -150.0
+    log_pa[7] = -150.0
+    check(*ag_pass(raw, log_pa, log_pb, mesh, vp))
+    log_pb[5] = -200.0
     check(*ag_pass(raw, log_pa, log_pb, mesh, vp))
 
     monkeypatch.setattr(joints, "_TRUST", 0.0)  # trust every sum: never recompute
-    _, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp)
-    assert not np.isfinite(np.asarray(col_lse)[5])
+    row_lse, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp)
+    assert not np.isfinite(np.asarray(row_lse)[7]) and not np.isfinite(np.asarray(col_lse)[5])
 
 
 # --- device count ------------------------------------------------------------------
