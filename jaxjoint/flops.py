@@ -1,7 +1,9 @@
 """Counted floating-point operations of the MLM forward pass (matrix products only).
 
 A multiply-add counts as 2 FLOPs. Elementwise work (softmax, GELU, LayerNorm) is
-left out, as in the usual MFU accounting: it is under 1% for BERT shapes.
+left out, as in the usual MFU accounting: it is under 1% for BERT shapes. The
+counts are of the work jaxjoint runs: the last layer computes queries and the
+feed-forward block only at the positions the head reads (``bert.MaskedLMModule``).
 """
 
 from __future__ import annotations
@@ -9,21 +11,25 @@ from __future__ import annotations
 from jaxjoint.models.config import EncoderConfig
 
 
-def layer_flops(config: EncoderConfig, length: int) -> int:
-    """One encoder layer on one sequence of ``length`` tokens."""
+def layer_flops(config: EncoderConfig, length: int, queries: int | None = None) -> int:
+    """One encoder layer on one sequence of ``length`` tokens, of which ``queries``
+    (default all) attend and go through the feed-forward block."""
     h, i, n = config.hidden_size, config.intermediate_size, length
-    projections = 2 * n * h * (3 * h)  # query, key, value
-    attention = 2 * (2 * n * n * h)  # scores and the probability-weighted values
-    output = 2 * n * h * h
-    mlp = 2 * (2 * n * h * i)
+    q = n if queries is None else queries
+    projections = 2 * q * h * h + 2 * n * h * (2 * h)  # query; key, value
+    attention = 2 * (2 * q * n * h)  # scores and the probability-weighted values
+    output = 2 * q * h * h
+    mlp = 2 * (2 * q * h * i)
     return projections + attention + output + mlp
 
 
-def encoder_flops(config: EncoderConfig, length: int) -> int:
-    """All layers, plus ELECTRA's embedding projection, for one sequence."""
+def encoder_flops(config: EncoderConfig, length: int, queries: int | None = None) -> int:
+    """All layers, plus ELECTRA's embedding projection, for one sequence; the last
+    layer at ``queries`` rows (default all ``length``)."""
     project = 2 * length * config.embedding_size * config.hidden_size if (
         config.embedding_size != config.hidden_size) else 0
-    return project + config.num_layers * layer_flops(config, length)
+    return (project + (config.num_layers - 1) * layer_flops(config, length)
+            + layer_flops(config, length, queries))
 
 
 def head_flops(config: EncoderConfig, positions: int = 1) -> int:
@@ -32,9 +38,12 @@ def head_flops(config: EncoderConfig, positions: int = 1) -> int:
     return positions * (2 * config.hidden_size * e + 2 * e * config.vocab_size)
 
 
+def sequence_flops(config: EncoderConfig, length: int, positions: int = 1) -> int:
+    """One forward pass of ``length`` tokens with logits at ``positions`` positions."""
+    return encoder_flops(config, length, positions) + head_flops(config, positions)
+
+
 def pair_flops(config: EncoderConfig, length: int) -> int:
-    """The tables stage for one pair: 2·V passes with the head at one position,
-    one pass with the head at two. ``length`` is the length actually run (the bucket)."""
-    v = config.vocab_size
-    return 2 * v * (encoder_flops(config, length) + head_flops(config, 1)) + (
-        encoder_flops(config, length) + head_flops(config, 2))
+    """The tables stage for one pair: 2·V passes with logits at one position, one
+    pass with logits at two. ``length`` is the length actually run (the bucket)."""
+    return 2 * config.vocab_size * sequence_flops(config, length) + sequence_flops(config, length, 2)

@@ -1,5 +1,10 @@
 """Flax BERT-family encoder with an MLM head applied only where asked.
 
+Only the rows the head reads leave the last layer: its keys and values use every
+row, its queries and feed-forward block only those. For one masked position that
+is 7% fewer FLOPs per pass for bert-base at 32 tokens, 36% for the embedded
+2-layer model at 16 (``jaxjoint.flops`` counts them).
+
 One post-LayerNorm Transformer encoder serves BERT, RoBERTa, DistilBERT and the
 ELECTRA generator; ``checkpoint.py`` maps each family's PyTorch key names onto
 this module's parameter tree.
@@ -58,19 +63,20 @@ class SelfAttention(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
-        """x: [B, L, H]; bias: float32[B, 1, 1, L] added to the scores."""
+    def __call__(self, x: jax.Array, keys: jax.Array, bias: jax.Array) -> jax.Array:
+        """x: [B, Q, H], the rows that attend; keys: [B, L, H], the rows attended to;
+        bias: float32[B, 1, 1, L] added to the scores. Returns [B, Q, H]."""
         c = self.config
-        b, l, _ = x.shape
 
-        def heads(name: str) -> jax.Array:
-            return _dense(c.hidden_size, self.dtype, name)(x).reshape(b, l, c.num_heads, c.head_dim)
+        def heads(name: str, rows: jax.Array) -> jax.Array:
+            b, n, _ = rows.shape
+            return _dense(c.hidden_size, self.dtype, name)(rows).reshape(b, n, c.num_heads, c.head_dim)
 
-        q, k, v = heads("query"), heads("key"), heads("value")
+        q, k, v = heads("query", x), heads("key", keys), heads("value", keys)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(c.head_dim) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, c.hidden_size)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:2], c.hidden_size)
         return _dense(c.hidden_size, self.dtype, "out")(ctx)
 
 
@@ -79,11 +85,18 @@ class EncoderLayer(nn.Module):
     dtype: Dtype
 
     @nn.compact
-    def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, bias: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+        """x: [B, L, H]; bias: float32[B, 1, 1, L]; positions: int[B, K] or None.
+
+        Returns the layer's output [B, L, H], or [B, K, H] at ``positions`` only:
+        every row still serves as a key and value, but only K rows are queries and
+        go through the feed-forward block.
+        """
         c = self.config
         act = ACTIVATIONS[c.hidden_act]
+        queries = x if positions is None else jnp.take_along_axis(x, positions[:, :, None], axis=1)
         x = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(
-            x + SelfAttention(c, self.dtype, name="attention")(x, bias)
+            queries + SelfAttention(c, self.dtype, name="attention")(queries, x, bias)
         )
         h = act(_dense(c.intermediate_size, self.dtype, "mlp_in")(x))
         return LayerNorm(c.layer_norm_eps, self.dtype, name="mlp_norm")(
@@ -125,8 +138,15 @@ class MaskedLMModule(nn.Module):
                 "head_decoder", _INIT, (c.vocab_size, c.embedding_size), jnp.float32
             )
 
-    def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """input_ids, attention_mask: int[B, L] -> hidden states [B, L, H] (compute dtype)."""
+    def encode(
+        self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array | None = None
+    ) -> jax.Array:
+        """input_ids, attention_mask: int[B, L] -> final hidden states [B, L, H]
+        (compute dtype), or [B, K, H] at ``positions`` int[B, K] only.
+
+        With ``positions``, the last layer runs its queries and feed-forward block
+        only there: nothing later reads the other rows of its output.
+        """
         c = self.config
         x = self.word_embeddings(input_ids) + self.position_embeddings(
             position_ids(c, input_ids, attention_mask)
@@ -138,9 +158,9 @@ class MaskedLMModule(nn.Module):
             x = self.embeddings_project(x)
         # Same additive mask as the PyTorch models: finite, so padded rows stay finite.
         bias = jnp.where(attention_mask[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-        for layer in self.layers:
+        for layer in self.layers[:-1]:
             x = layer(x, bias)
-        return x
+        return self.layers[-1](x, bias, positions)
 
     def head(self, hidden: jax.Array) -> jax.Array:
         """hidden: [..., H] -> float32[..., V] logits."""
@@ -161,9 +181,7 @@ class MaskedLMModule(nn.Module):
     ) -> jax.Array:
         """input_ids, attention_mask: int[B, L]; positions: int[B, K] -> float32[B, K, V].
 
-        The hidden states are gathered at ``positions`` before the V x H head, so
-        the head costs K, not L, rows per sequence.
+        Only the rows at ``positions`` leave the last layer, so the V x H head and
+        that layer's queries and feed-forward block cost K, not L, rows per sequence.
         """
-        hidden = self.encode(input_ids, attention_mask)
-        picked = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
-        return self.head(picked)
+        return self.head(self.encode(input_ids, attention_mask, positions))

@@ -74,7 +74,8 @@ class MaskedLM:
 
         input_ids: int[B, L]; positions: int[B] -> float32[B, V], or int[B, K] ->
         float32[B, K, V]; attention_mask: int[B, L] (default: all ones).
-        The head runs only at ``positions``; no [B, L, V] tensor is formed.
+        The head, and the last layer's queries and feed-forward block, run only at
+        ``positions``; no [B, L, V] tensor is formed.
         """
         input_ids = jnp.asarray(input_ids, jnp.int32)
         positions = jnp.asarray(positions, jnp.int32)
