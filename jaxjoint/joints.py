@@ -56,19 +56,54 @@ BLOCK_CELLS = 1 << 18
 # --- the cell function -------------------------------------------------------------
 
 
+def _finite_or_zero(x):
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Normaliser:
+    """``logsumexp`` of logits along one axis, kept as ``shift + log_sum`` (shift the
+    maximum): ``log q = (f - shift) - log_sum`` is exact to float32 near the
+    maximum, where the probability is, while ``f - logsumexp`` inherits the
+    rounding of a float32 number as large as the logits (6e-5 at |f| = 600).
+
+    shift, log_sum: float32 arrays of one shape; both 0 where every logit is -inf
+    (padding rows), so that ``log_q`` stays -inf there. Indexing indexes both.
+    """
+
+    shift: jax.Array
+    log_sum: jax.Array
+
+    def __getitem__(self, index) -> "Normaliser":
+        return Normaliser(self.shift[index], self.log_sum[index])
+
+    def log_q(self, logits: jax.Array) -> jax.Array:
+        """Log-probabilities of ``logits`` (broadcastable against the normaliser)."""
+        return (logits - self.shift) - self.log_sum
+
+    @staticmethod
+    def of(logits: jax.Array, axis: int) -> "Normaliser":
+        """The normaliser of ``logits`` along ``axis`` (removed from the shape)."""
+        shift = _finite_or_zero(logits.max(axis=axis))
+        log_sum = jnp.log(jnp.exp(logits - jnp.expand_dims(shift, axis)).sum(axis=axis))
+        return Normaliser(shift, _finite_or_zero(log_sum))
+
+
 def _cell_parts(method: str, fa, fb, na, nb, row, col):
     """Unnormalised ``log p(a, b) = top + log(ratio)`` with ``ratio`` in [1/2, 2]
     (None for 1), from pieces that broadcast against each other.
 
     fa, fb: ``logits_a[a, b]``, ``logits_b[a, b]``; na: ``norm_a[b]``; nb:
-    ``norm_b[a]``; row: the joint's ``row[a]``; col: its ``col[b]`` (see ``Joint``).
+    ``norm_b[a]`` (``Normaliser``); row: the joint's ``row[a]``; col: its ``col[b]``
+    (see ``Joint``).
     Because ``ratio`` is bounded, the maximum of ``top`` along a row or column is a
     safe shift for its logsumexp, and the streaming passes take no log per cell.
     """
     if method == "mlm":
         return row + col, None
-    log_qa = fa - na
-    log_qb = fb - nb
+    log_qa = na.log_q(fa)
+    log_qb = nb.log_q(fb)
     if method == "mrf":
         return log_qa + log_qb, None
     if method == "mrf_logit":
@@ -124,12 +159,12 @@ class Joint:
     - ag: ``log(qA + qB) - log(1/pA(a) + 1/pB(b))`` with row = log pA, col = log pB,
       the marginals of the previous iterate.
 
-    with ``log qA = logits_a - norm_a[b]`` and ``log qB = logits_b - norm_b[a]``.
+    with ``log qA = norm_a[b].log_q(logits_a)`` and ``log qB = norm_b[a].log_q(logits_b)``.
 
     Fields:
       tables: the ``PairTables`` the joint was derived from (rows may be padded, Vp >= V).
-      norm_a: float32[V], logsumexp over a of ``logits_a[:, b]``.
-      norm_b: float32[Vp], logsumexp over b of ``logits_b[a, :]``; 0 on padding rows.
+      norm_a: ``Normaliser`` of float32[V]: logsumexp over a of ``logits_a[:, b]``.
+      norm_b: ``Normaliser`` of float32[Vp]: logsumexp over b of ``logits_b[a, :]``.
       row: float32[Vp]; col: float32[V]; log_z: float32[] (see above).
       info: method-specific scalars: ag has ``iterations`` (int32), ``l1_change``
         (L1 change of the two marginals in the last iteration) and ``objective``
@@ -138,8 +173,8 @@ class Joint:
     """
 
     tables: PairTables
-    norm_a: jax.Array
-    norm_b: jax.Array
+    norm_a: Normaliser
+    norm_b: Normaliser
     row: jax.Array
     col: jax.Array
     log_z: jax.Array
@@ -210,7 +245,7 @@ def _to_dense(joint: Joint):
 def _fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
     """Run ``step(carry, row_block) -> (carry, out[c])`` over consecutive row blocks.
 
-    rows: arrays with a common leading dimension n. Returns the final carry and the
+    rows: a tuple of pytrees of arrays with a common leading dimension n. Returns the final carry and the
     per-row outputs, float32[n]. Full blocks go through ``lax.scan`` on dynamic
     slices (no copy of the tables); a shorter last block is handled once after it.
     """
@@ -219,12 +254,12 @@ def _fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
     full, tail = divmod(n, c)
 
     def body(carry, i):
-        return step(carry, tuple(lax.dynamic_slice_in_dim(x, i * c, c) for x in rows))
+        return step(carry, jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, i * c, c), rows))
 
     carry, outs = lax.scan(body, carry, jnp.arange(full))
     outs = outs.reshape(full * c)
     if tail:
-        carry, last = step(carry, tuple(x[full * c :] for x in rows))
+        carry, last = step(carry, jax.tree.map(lambda x: x[full * c :], rows))
         outs = jnp.concatenate([outs, last])
     return carry, outs
 
@@ -236,14 +271,14 @@ def _logsumexp_across_devices(x: jax.Array) -> jax.Array:
     bound instead would save the pmax but lets peaked columns underflow to -inf.
     """
     shift = lax.pmax(x, VOCAB_AXIS)
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    shift = _finite_or_zero(shift)
     return jnp.log(lax.psum(jnp.exp(x - shift), VOCAB_AXIS)) + shift
 
 
 def _logsumexp_parts(top, ratio, axis: int):
     """logsumexp of ``top + log(ratio)`` along ``axis``, shifted by the max of ``top``."""
     shift = top.max(axis=axis, keepdims=True)
-    shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    shift = _finite_or_zero(shift)
     w = jnp.exp(top - shift)
     if ratio is not None:
         w = w * ratio
@@ -285,8 +320,8 @@ def _local_kl_sum(cell: Callable, rows: tuple, cols: tuple, row_lse, col_lse, bl
         fa, fb, nb = block[:3]
         r = block[-1]
         x = _combine(*cell(block[:-1], cols))
-        kl = kl_terms(fa - cols[0][None, :], x - col_lse[None, :])
-        kl += kl_terms(fb - nb[:, None], x - r[:, None])
+        kl = kl_terms(cols[0][None, :].log_q(fa), x - col_lse[None, :])
+        kl += kl_terms(nb[:, None].log_q(fb), x - r[:, None])
         return carry, kl.sum(axis=1)
 
     _, per_row = _fold_rows(step, (), rows + (row_lse,), block_rows)
@@ -318,15 +353,14 @@ def _kl_sum(mesh, block_rows, cell, rows, cols, row_lse, col_lse):
     return _shard(mesh, fn, (_ROWS, _REPL, _ROWS, _REPL), _REPL)(rows, cols, row_lse, col_lse)
 
 
-def _normalisers(tables: PairTables):
-    """norm_a float32[V] (logsumexp of logits_a over a) and norm_b float32[Vp]
-    (logsumexp of logits_b over b, 0 on padding rows so that they stay -inf).
+def _normalisers(tables: PairTables) -> tuple[Normaliser, Normaliser]:
+    """norm_a of float32[V] (logsumexp of logits_a over a) and norm_b of float32[Vp]
+    (logsumexp of logits_b over b; padding rows stay -inf).
 
     Plain reductions of the tables themselves: on a mesh the partitioner adds the
     all-reduce for norm_a, and nothing V x V is produced.
     """
-    norm_b = jax.nn.logsumexp(tables.logits_b, axis=1)
-    return jax.nn.logsumexp(tables.logits_a, axis=0), jnp.where(jnp.isfinite(norm_b), norm_b, 0.0)
+    return Normaliser.of(tables.logits_a, 0), Normaliser.of(tables.logits_b, 1)
 
 
 # Bound on one term dropped by float32 underflow in AG's sums: the smallest
@@ -340,19 +374,15 @@ _TRUST = 2.0**24
 def _ag_table(fa, fb, norm_a, norm_b):
     """AG's loop-invariant part, once per pair: ``qA(a|b) + qB(b|a) = E[a, b] e^s[a]``.
 
-    fa, fb: local rows of the logit tables float32[n, V]; norm_a float32[V],
-    norm_b float32[n]. Returns E float32[n, V] (each row scaled to a maximum of
+    fa, fb: local rows of the logit tables float32[n, V]; norm_a of float32[V],
+    norm_b of float32[n]. Returns E float32[n, V] (each row scaled to a maximum of
     1) and s float32[n] (-inf on padding rows, where E is 0).
     """
-    log_qa, log_qb = fa - norm_a[None, :], fb - norm_b[:, None]
+    log_qa, log_qb = norm_a[None, :].log_q(fa), norm_b[:, None].log_q(fb)
     hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
     log_s = hi + jnp.log(1 + _exp_gap(lo, hi))
     row_max = log_s.max(axis=1)
     return jnp.exp(log_s - _finite_or_zero(row_max)[:, None]), row_max
-
-
-def _finite_or_zero(x):
-    return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
 def _ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
@@ -462,8 +492,8 @@ def _derive(tables: PairTables, pivot, max_steps, tol, *, method, mesh, block_ro
         if pivot is None:
             pivot = jnp.argmax(tables.log_m_a)  # padding rows are -inf, never chosen
         pivot = jnp.asarray(pivot, jnp.int32)
-        log_qb_pivot = fb[pivot] - norm_b[pivot]
-        log_qa_pivot = fa[pivot] - norm_a
+        log_qb_pivot = norm_b[pivot].log_q(fb[pivot])
+        log_qa_pivot = norm_a.log_q(fa[pivot])
         row, col = jnp.zeros(vp), log_qb_pivot - log_qa_pivot
         info = {"pivot": pivot}
     if method != "ag":
