@@ -17,7 +17,7 @@ from typing import NoReturn, Sequence
 import jax
 
 from jaxjoint import distributed, train
-from jaxjoint.config import EvalConfig, read_config_file, resolve_config
+from jaxjoint.config import KEYS, EvalConfig, read_config_file, resolve_config
 from jaxjoint.errors import UserError
 
 EPILOG = "Paths in a config file are relative to the current directory; command-line values override it."
@@ -42,9 +42,11 @@ def _config_arguments(p: argparse.ArgumentParser, *, evaluation: bool) -> None:
         p.add_argument("--seed", type=int, metavar="S", help="seed of the masked positions (default 0)")
     p.add_argument("--methods", metavar="LIST", help="comma-separated subset of mlm,mrf,mrf_logit,hcb,ag")
     p.add_argument("--ag-iters", type=int, metavar="N",
-                   help="AG iterations (default 40), or with --ag-tol the cap (default 10000)")
+                   help="AG's fixed iteration count (default 40, the paper's), when no --ag-tol is given")
     p.add_argument("--ag-tol", type=float, metavar="TOL",
                    help="iterate AG until the L1 change of its marginals is below TOL")
+    p.add_argument("--ag-max-iters", type=int, metavar="N",
+                   help="with --ag-tol, the most AG iterations (default 10000)")
     p.add_argument("--dtype", metavar="DTYPE", help="float32 (default) or bfloat16 forward passes")
     p.add_argument("--chunk-size", type=int, metavar="N", help="sequences per device per step")
     p.add_argument("--devices", type=int, metavar="N", help="use the first N local devices (default all)")
@@ -62,9 +64,7 @@ def _config_arguments(p: argparse.ArgumentParser, *, evaluation: bool) -> None:
 
 def _resolve(args: argparse.Namespace) -> EvalConfig:
     file_values = read_config_file(args.config) if args.config else {}
-    keys = ("model", "data", "masking", "max_sentences", "seed", "methods", "ag_iters", "ag_tol",
-            "dtype", "chunk_size", "devices", "distributed", "out")
-    return resolve_config(file_values, {k: getattr(args, k) for k in keys if hasattr(args, k)})
+    return resolve_config(file_values, {k: getattr(args, k) for k in KEYS if hasattr(args, k)})
 
 
 # --- evaluate ---------------------------------------------------------------------------

@@ -31,8 +31,9 @@ class EvalConfig:
     max_sentences: use the first N sentences of the data (None: all).
     seed: seeds each sentence's masked positions together with its index.
     methods: joint constructions, a subset of ``joints.METHODS``.
-    ag_iters: AG iterations: the fixed count, or with ``ag_tol`` the cap.
+    ag_iters: AG's fixed iteration count (the paper's 40), used when ``ag_tol`` is None.
     ag_tol: iterate AG until the L1 change of its marginals is below this (None: fixed count).
+    ag_max_iters: with ``ag_tol``, the most iterations AG may run.
     dtype: compute dtype of the forward passes, ``float32`` or ``bfloat16``.
     chunk_size: sequences per device per step (None: from the device's memory).
     devices: use the first N local devices (None: all); in ``global`` mode, of each process.
@@ -50,6 +51,7 @@ class EvalConfig:
     methods: tuple[str, ...] = METHODS
     ag_iters: int = AG_ITERS
     ag_tol: float | None = None
+    ag_max_iters: int = AG_MAX_ITERS
     dtype: str = "float32"
     chunk_size: int | None = None
     devices: int | None = None
@@ -60,7 +62,7 @@ class EvalConfig:
         """Keyword options for ``derive_joint(tables, "ag", ...)``."""
         if self.ag_tol is None:
             return {"iters": self.ag_iters}
-        return {"tol": self.ag_tol, "max_iters": self.ag_iters}
+        return {"tol": self.ag_tol, "max_iters": self.ag_max_iters}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values (``methods`` as a list)."""
@@ -71,7 +73,7 @@ class EvalConfig:
 
 KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 # Keys that change what a pair's record holds; the rest may differ when a run resumes.
-RESULT_KEYS = ("model", "data", "masking", "seed", "methods", "ag_iters", "ag_tol", "dtype")
+RESULT_KEYS = ("model", "data", "masking", "seed", "methods", "ag_iters", "ag_tol", "ag_max_iters", "dtype")
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -113,8 +115,6 @@ def resolve_config(*layers: Mapping[str, Any]) -> EvalConfig:
     config = EvalConfig(**values)
     if config.out is None:
         config = dataclasses.replace(config, out=_absolute("out", default_out(config)))
-    if config.ag_tol is not None and "ag_iters" not in values:
-        config = dataclasses.replace(config, ag_iters=AG_MAX_ITERS)
     return config
 
 

@@ -227,8 +227,7 @@ def read_pairs(path: Path) -> tuple[list[dict[str, Any]], int]:
 
 def _check_out_dir(out: Path, config: EvalConfig) -> list[dict[str, Any]]:
     """The finished records in ``out``, after checking it belongs to this run. Writes nothing."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a directory")
+    _check_writable(out)
     stored_path = out / CONFIG_FILE
     if not stored_path.is_file():
         ours = [n for n in (PAIRS_FILE, *SUMMARY_FILES) if (out / n).exists()]
@@ -247,6 +246,18 @@ def _check_out_dir(out: Path, config: EvalConfig) -> list[dict[str, Any]]:
             f"{out} holds a run with another config ({k}: {stored.get(k)!r} there, {current[k]!r} now); "
             "use a new --out, or the same settings to resume")
     return read_pairs(out / PAIRS_FILE)[0]
+
+
+def _check_writable(out: Path) -> None:
+    """``UserError`` unless ``out`` is, or can be made as, a writable directory."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        what = "is a file" if existing == out else f"is under {existing}, a file"
+        raise UserError(f"--out {out} {what}; give a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: {existing} is not writable; give another directory")
 
 
 class PairWriter:

@@ -54,6 +54,7 @@ ERROR_CASES = {
     "unknown method": (["--methods", "mlm,foo"], r"unknown method 'foo'; choose from mlm, mrf, mrf_logit, hcb, ag"),
     "unknown config key": (["--config", "{tmp}/bad.yaml"], r"unknown config key 'maskng' in .*; valid keys: model, data"),
     "max sentences 0": (["--max-sentences", "0"], r"max_sentences must be >= 1, got 0"),
+    "out under a file": (["--out", "{tmp}/empty.txt/run"], r"--out .*empty.txt/run is under .*empty.txt, a file"),
 }
 
 
@@ -186,6 +187,7 @@ def test_unknown_key_lists_the_valid_ones(tmp_path):
     ({"seed": -1}, "seed must be >= 0"),
     ({"seed": "x"}, "'seed' must be an integer"),
     ({"ag_iters": 0}, "ag_iters must be >= 1"),
+    ({"ag_max_iters": 0}, "ag_max_iters must be >= 1"),
     ({"ag_tol": 0}, "ag_tol must be > 0"),
     ({"ag_tol": "tight"}, "'ag_tol' must be a number"),
     ({"chunk_size": True}, "'chunk_size' must be an integer"),
@@ -201,7 +203,10 @@ def test_value_forms():
                             {"seed": None})
     assert config.methods == ("ag", "mlm") and config.ag_tol == 1e-6 and config.max_sentences == 12
     assert config.ag_options() == {"tol": 1e-6, "max_iters": 10_000} and config.seed == 0
-    assert resolve_config({"ag_tol": 1e-3, "ag_iters": 7}).ag_options() == {"tol": 1e-3, "max_iters": 7}
+    assert resolve_config({"ag_tol": 1e-3, "ag_max_iters": 7}).ag_options() == {"tol": 1e-3, "max_iters": 7}
+    # A file's fixed count (every shipped config has ag_iters: 40) does not cap a tolerance.
+    assert resolve_config({"ag_iters": 40}, {"ag_tol": 1e-6}).ag_options() == {"tol": 1e-6, "max_iters": 10_000}
+    assert resolve_config({"ag_tol": 1e-3, "ag_iters": 7}).ag_options() == {"tol": 1e-3, "max_iters": 10_000}
     assert resolve_config({}).ag_options() == {"iters": 40}
 
 

@@ -140,6 +140,19 @@ def test_unsupported_model_type(tmp_path):
         load_mlm(source)
 
 
+@pytest.mark.parametrize("key, value, tensor", [
+    ("vocab_size", 60, r"tensor bert.embeddings.word_embeddings.weight has shape \[\d+, 32\], but config.json implies \[60, 32\]"),
+    ("intermediate_size", 40, r"tensor bert.encoder.layer.0.intermediate.dense.weight has shape \[\d+, 32\], but config.json implies \[40, 32\]"),
+])
+def test_config_that_does_not_match_the_weights(tmp_path, key, value, tensor):
+    source = make_checkpoint(tmp_path / "m", "bert")
+    config = json.loads((source / "config.json").read_text())
+    config[key] = value
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=tensor + "; the config does not match the weights"):
+        load_mlm(source)
+
+
 def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path):
     import torch
 

@@ -10,11 +10,15 @@ import json
 from pathlib import Path
 from typing import Any, Iterator
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxjoint.errors import UserError
+from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
 
 Params = dict[str, Any]
@@ -154,9 +158,10 @@ def params_from_state_dict(
 
     ``get(key) -> np.ndarray`` fetches one tensor; ``available`` is the set of keys
     present. A checkpoint saved from the bare encoder (no ``bert.`` prefix) is
-    accepted too.
+    accepted too. Every tensor must have the shape ``config`` gives it.
     """
     prefix = f"{config.family}."
+    shapes = _parameter_shapes(config)
     params: Params = {}
     for path, (torch_name, kind) in parameter_keys(config).items():
         node = params
@@ -171,12 +176,25 @@ def params_from_state_dict(
             if found is None:
                 raise UserError(f"checkpoint lacks the tensor {candidates[0]}")
             value = np.asarray(get(found), dtype=np.float32)
+            want = shapes[(*path, leaf) if leaf else path]
+            want = want[::-1] if transpose else want  # as PyTorch stores it
+            if value.shape != want:
+                raise UserError(f"tensor {found} has shape {list(value.shape)}, but config.json implies "
+                                f"{list(want)}; the config does not match the weights")
             value = value.T if transpose else value
             if leaf:
                 node.setdefault(path[-1], {})[leaf] = value
             else:
                 node[path[-1]] = value
     return params
+
+
+def _parameter_shapes(config: EncoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
+    """Flax parameter path -> the shape the module gives it under ``config``."""
+    ids = jnp.zeros((1, 2), jnp.int32)
+    init = lambda: MaskedLMModule(config).init(jax.random.PRNGKey(0), ids, ids, ids[:, :1])
+    tree = jax.eval_shape(init)["params"]
+    return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(tree).items()}
 
 
 def read_hf_config(directory: Path) -> dict[str, Any]:
