@@ -13,6 +13,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxjoint.default import MODEL_DIR as DEFAULT_MODEL_DIR
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
 
 _BERT = dict(model_type="bert", type_vocab_size=2, max_position_embeddings=512,
@@ -24,7 +25,6 @@ SHAPES: dict[str, dict[str, Any]] = {
     "bert-large-cased": dict(_BERT, vocab_size=28996, hidden_size=1024, num_hidden_layers=24,
                              num_attention_heads=16, intermediate_size=4096),
 }
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "jaxjoint" / "default" / "model"
 
 
 def model_shape(name: str) -> EncoderConfig:

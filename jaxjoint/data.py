@@ -25,15 +25,12 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from jaxjoint.default import SENTENCE_FILES
 from jaxjoint.errors import UserError
 from jaxjoint.models.config import EncoderConfig
 
 MASKINGS = ("random", "contiguous")
-DEFAULT_DIR = Path(__file__).parent / "default"
-LOCAL_SETS = {
-    "default": DEFAULT_DIR / "heldout_short.txt",
-    "default-news": DEFAULT_DIR / "heldout_news.txt",
-}
+LOCAL_SETS = {"default": SENTENCE_FILES["short"], "default-news": SENTENCE_FILES["news"]}
 HUB_SETS = {"snli": "stanfordnlp/snli", "xsum": "EdinburghNLP/xsum"}
 DATA_NAMES = (*LOCAL_SETS, *HUB_SETS)
 MAX_TOKENS = 512  # the paper truncates every sentence to 512 tokens
@@ -108,7 +105,9 @@ def _data_path(data: str) -> Path:
 
 def _file_sentences(path: Path) -> list[str]:
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        # Lines end at "\n" alone: str.splitlines would also split at form feeds and
+        # U+2028, which may stand inside a sentence or a JSON string.
+        lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read data file {path} ({err})") from None
     if path.suffix == ".txt":

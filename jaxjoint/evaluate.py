@@ -41,7 +41,8 @@ import yaml
 from jax.sharding import Mesh
 
 from jaxjoint.config import DEFAULT_MODEL, RESULT_KEYS, EvalConfig
-from jaxjoint.data import DEFAULT_DIR, MaskedPair, load_sentences, make_pairs, max_tokens
+from jaxjoint.data import MaskedPair, load_sentences, make_pairs, max_tokens
+from jaxjoint.default import MODEL_DIR as DEFAULT_MODEL_DIR
 from jaxjoint.distributed import Processes, ProcessFailure, describe, global_mesh, processes
 from jaxjoint.errors import UserError
 from jaxjoint.joints import Joint, derive_joint
@@ -61,7 +62,6 @@ CONFIG_FILE = "config.yaml"
 PAIRS_FILE = "pairs.jsonl"
 SUMMARY_FILES = ("summary.json", "summary.md", "summary.csv")
 LABELS = {"mlm": "MLM", "mrf": "MRF", "mrf_logit": "MRF-L", "hcb": "HCB", "ag": "AG"}
-DEFAULT_MODEL_DIR = DEFAULT_DIR / "model"
 _RECORD_KEYS = {"index", "text", "input_ids", "positions", "gold", "metrics", "mlm_unary_u_nll"}
 
 
@@ -103,8 +103,15 @@ def score_tables(
     mlm_unary_u_nll)``; the three extra fields are AG's iterations, the L1 change of
     its last step and its objective J.
     """
+    return score_joints(tables, derive_all(tables, methods, ag_options, mesh), gold)
+
+
+def score_joints(
+    tables: PairTables, joints: dict[str, Joint], gold: tuple[int, int]
+) -> tuple[dict[str, dict[str, float]], float]:
+    """``score_tables`` for joints already derived from ``tables``."""
     metrics = {}
-    for method, joint in derive_all(tables, methods, ag_options, mesh).items():
+    for method, joint in joints.items():
         values = pair_metrics(tables, joint, gold)
         values = {key: values[key] for key in METRICS}  # jit returns dicts in sorted key order
         if method == "ag":
@@ -195,7 +202,7 @@ def explain_pair(
         "ag": {k: float(v) for k, v in joints["ag"].info.items()} if "ag" in joints else None,
     }
     if gold is not None:
-        result["metrics"], result["mlm_unary_u_nll"] = score_tables(tables, gold, methods, ag_options, mesh)
+        result["metrics"], result["mlm_unary_u_nll"] = score_joints(tables, joints, gold)
     return result
 
 

@@ -29,8 +29,10 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.typing import ArrayLike
 from jax import lax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxjoint.errors import UserError
@@ -186,17 +188,27 @@ class Joint:
     def vocab_size(self) -> int:
         return self.tables.vocab_size
 
-    def log_prob(self, a_val, b_val) -> jax.Array:
-        """``log p(a, b)`` for int tokens (or broadcastable int arrays) a_val, b_val."""
-        return _log_prob(self, jnp.asarray(a_val), jnp.asarray(b_val))
+    def log_prob(self, a_val: ArrayLike, b_val: ArrayLike) -> jax.Array:
+        """``log p(a, b)`` for int tokens (or broadcastable int arrays) a_val, b_val
+        in [0, V); float32 of their broadcast shape."""
+        return _log_prob(self, self._tokens(a_val), self._tokens(b_val))
 
-    def log_cond_a(self, b_val) -> jax.Array:
+    def log_cond_a(self, b_val: ArrayLike) -> jax.Array:
         """float32[V]: ``log p(a | b)`` over a, for one int token b_val."""
-        return _log_cond_a(self, jnp.asarray(b_val))
+        return _log_cond_a(self, self._tokens(b_val))
 
-    def log_cond_b(self, a_val) -> jax.Array:
+    def log_cond_b(self, a_val: ArrayLike) -> jax.Array:
         """float32[V]: ``log p(b | a)`` over b, for one int token a_val."""
-        return _log_cond_b(self, jnp.asarray(a_val))
+        return _log_cond_b(self, self._tokens(a_val))
+
+    def _tokens(self, tokens: ArrayLike) -> jax.Array:
+        """``tokens`` as an array, ``UserError`` when a concrete one is outside [0, V)
+        (a traced one inside jit is not checked: JAX clamps its gathers)."""
+        if not isinstance(tokens, jax.core.Tracer):
+            values = np.asarray(tokens)
+            if values.size and (values.min() < 0 or values.max() >= self.vocab_size):
+                raise UserError(f"token ids must be in [0, {self.vocab_size}); got {values.min()}..{values.max()}")
+        return jnp.asarray(tokens)
 
     def to_dense(self) -> jax.Array:
         """float32[V, V]: ``log p(a, b)`` for every real cell. Allocates V x V."""
@@ -517,12 +529,16 @@ def _derive(tables: PairTables, pivot, max_steps, tol, *, method, mesh, block_ro
 
 
 def resolve_mesh(tables: PairTables, mesh: Mesh | None) -> Mesh:
-    """The mesh the streaming passes run on: ``mesh``, or one device when None.
+    """The mesh the streaming passes run on: ``mesh``; when None, the mesh the
+    tables are sharded on (as ``pair_tables`` leaves them), else one local device.
 
     Raises ``UserError`` when the padded rows do not split evenly over the mesh.
     """
     if mesh is None:
-        return make_mesh(jax.devices()[:1])
+        sharding = getattr(tables.logits_a, "sharding", None)
+        if isinstance(sharding, NamedSharding) and VOCAB_AXIS in sharding.mesh.axis_names:
+            return sharding.mesh
+        return make_mesh(jax.local_devices()[:1])
     k = mesh_size(mesh)
     if tables.padded_vocab_size % k:
         raise UserError(
@@ -552,7 +568,8 @@ def derive_joint(
       tables: ``PairTables`` with logits_a, logits_b float32[Vp, V]; on a mesh,
         row-sharded over ``VOCAB_AXIS`` (``sharding.row_sharding``).
       method: one of ``METHODS``: mlm, mrf, mrf_logit, hcb, ag (DESIGN.md §1).
-      mesh: the 1-D mesh the tables are sharded on; None for one device.
+      mesh: the 1-D mesh the tables are sharded on; None: the one their
+        sharding names (one device for unsharded tables).
       block_rows: rows per block of the streaming passes (default: about
         ``BLOCK_CELLS`` cells per block).
       options:

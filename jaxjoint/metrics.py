@@ -39,8 +39,15 @@ def _pair_metrics(tables: PairTables, joint: Joint, a0, b0, *, block_rows: int) 
         "p_nll": -0.5 * joint.log_prob(a0, b0),
         "u_nll": -0.5 * (log_pa[a0] + log_pb[b0]),
         "kl_gold": 0.5 * (_kl(log_qa, log_pa) + _kl(log_qb, log_pb)),
-        "kl_all": objective(joint, block_rows=block_rows) / (2 * v),
+        "kl_all": _objective(joint, block_rows) / (2 * v),
     }
+
+
+def _objective(joint: Joint, block_rows: int) -> jax.Array:
+    """J(p): AG computed it already (``joint.info``); other joints need two passes."""
+    if "objective" in joint.info:
+        return joint.info["objective"]
+    return objective(joint, block_rows=block_rows)
 
 
 def pair_metrics(

@@ -149,12 +149,21 @@ def activation_bytes_per_sequence(config: EncoderConfig, length: int, dtype: str
 
 def memory_budget_bytes(device: jax.Device) -> int:
     """Bytes for the substitution batch's activations on one device: a quarter of
-    what the device has left (the tables and parameters need the rest)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return DEFAULT_CPU_BUDGET_BYTES
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return max(free // 4, 1 << 26)
+    what the device had left when first asked (the tables and parameters need the
+    rest). Read once per device and process, so that the chunk size, and with it the
+    compiled program, stays the same for every pair of a run whatever the tables in
+    flight hold."""
+    if device not in _BUDGETS:
+        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+        if not stats or "bytes_limit" not in stats:
+            _BUDGETS[device] = DEFAULT_CPU_BUDGET_BYTES
+        else:
+            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+            _BUDGETS[device] = max(free // 4, 1 << 26)
+    return _BUDGETS[device]
+
+
+_BUDGETS: dict[jax.Device, int] = {}
 
 
 def default_chunk_size(config: EncoderConfig, length: int, dtype: str, budget_bytes: int) -> int:

@@ -10,7 +10,8 @@ import json
 import numpy as np
 import pytest
 
-from jaxjoint.default import MODEL_DIR, SENTENCE_FILES, load_sentences
+from jaxjoint.data import load_sentences
+from jaxjoint.default import MODEL_DIR, SENTENCE_FILES
 from jaxjoint.models.mlm import load_mlm
 
 
@@ -31,16 +32,15 @@ def test_shipped_files_and_shape():
 
 
 def test_heldout_sentence_sets():
-    short, news = load_sentences("short"), load_sentences("news")
+    short, news = load_sentences("default"), load_sentences("default-news")
     assert len(short) == len(news) == 300
     assert not set(short) & set(news)
     assert len(set(short)) == len(short) and len(set(news)) == len(news)
     # The news-like set is the longer one; both are plain one-line sentences.
     assert np.mean([len(s.split()) for s in news]) > np.mean([len(s.split()) for s in short]) + 5
     assert all("\t" not in s and s == s.strip() for s in short + news)
-    with pytest.raises(ValueError):
-        load_sentences("nope")
     assert set(SENTENCE_FILES) == {"short", "news"}
+    assert short == SENTENCE_FILES["short"].read_text(encoding="utf-8").splitlines()
 
 
 def test_tokenizer_is_bert_style(mlm):
@@ -60,7 +60,7 @@ def test_logits_match_transformers(mlm):
     from transformers import AutoModelForMaskedLM
 
     tok = mlm.tokenizer
-    sentences = load_sentences("short")[:3] + load_sentences("news")[:3]
+    sentences = load_sentences("default")[:3] + load_sentences("default-news")[:3]
     enc = tok(sentences, padding=True, return_tensors="np")
     ids, attention = enc["input_ids"].copy(), enc["attention_mask"]
     lengths = attention.sum(1)
@@ -97,7 +97,7 @@ def _masked_token_stats(mlm, sentences):
     return logits.argmax(-1) == gold, logp[np.arange(len(gold)), gold], gold
 
 
-@pytest.mark.parametrize("name, n", [("short", 60), ("news", 30)])
+@pytest.mark.parametrize("name, n", [("default", 60), ("default-news", 30)])
 def test_heldout_accuracy_beats_unigram(mlm, name, n):
     # A fixed sample of about 650 tokens; the full-set numbers are in MODEL_CARD.md.
     correct, logp, gold = _masked_token_stats(mlm, load_sentences(name)[:n])
@@ -120,19 +120,20 @@ def test_converged_ag_has_lowest_kl_all_on_default_sentences(mlm):
     from jaxjoint.metrics import pair_metrics
     from jaxjoint.tables import pair_tables
 
-    # One pair keeps this at a few seconds of forward passes plus about 130 AG
-    # iterations; a converged AG iteration is ~0.05 s at V = 4096 on a CPU core.
-    pairs, _ = make_pairs(load_sentences("short")[1:2], mlm.tokenizer, masking="random", seed=0,
-                          max_length=max_tokens(mlm.config))
-    assert len(pairs) == 1
+    # Three pairs, short and news sentences: a few seconds of forward passes each,
+    # plus 330-550 AG iterations to 1e-5 (one is ~0.01 s at V = 4096 on CPU). At
+    # 1e-4 the news pair is still far enough from the fixed point for MRF-L to win.
+    sentences = load_sentences("default")[:2] + load_sentences("default-news")[:1]
+    pairs, _ = make_pairs(sentences, mlm.tokenizer, masking="random", seed=0, max_length=max_tokens(mlm.config))
+    assert len(pairs) == 3
     for pair in pairs:
         tables = pair_tables(mlm, pair.input_ids, pair.a, pair.b)
         kl_all = {}
         for method in METHODS:
-            options = {"tol": 1e-4} if method == "ag" else {}
+            options = {"tol": 1e-5} if method == "ag" else {}
             joint = derive_joint(tables, method, **options)
             kl_all[method] = float(pair_metrics(tables, joint, pair.gold)["kl_all"])
             if method == "ag":
-                assert float(joint.info["l1_change"]) < 1e-4
+                assert float(joint.info["l1_change"]) < 1e-5
         others = {m: v for m, v in kl_all.items() if m != "ag"}
         assert kl_all["ag"] < min(others.values()), kl_all

@@ -348,6 +348,10 @@ def test_results_do_not_depend_on_the_mesh():
         np.testing.assert_allclose(many.to_dense(), one.to_dense(), rtol=1e-6, atol=1e-6, err_msg=method)
         for key, value in one.info.items():
             np.testing.assert_allclose(many.info[key], value, rtol=1e-6, atol=1e-7, err_msg=key)
+    # Without mesh=, the joint runs on the mesh the tables are sharded on.
+    implied = derive_joint(sharded, "hcb", block_rows=2)
+    assert implied.mesh == mesh
+    np.testing.assert_allclose(implied.to_dense(), derive_joint(single, "hcb").to_dense(), rtol=1e-6, atol=1e-6)
 
 
 # --- user errors -------------------------------------------------------------------
@@ -367,3 +371,8 @@ def test_user_errors():
         derive_joint(tables, "ag", iters=0)
     with pytest.raises(UserError, match="multiple"):
         derive_joint(tables, "mrf", mesh=make_mesh())
+    joint = derive_joint(tables, "mrf")
+    for query in (lambda: joint.log_prob(7, 0), lambda: joint.log_prob(np.array([0, -1]), 2),
+                  lambda: joint.log_cond_a(7), lambda: joint.log_cond_b(-1)):
+        with pytest.raises(UserError, match=r"token ids must be in \[0, 7\)"):
+            query()

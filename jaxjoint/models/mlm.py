@@ -101,8 +101,9 @@ def _check_dtype(dtype: str) -> None:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
 
 
-def _resolve_source(source: str | os.PathLike) -> Path:
-    """A local directory, or the snapshot directory of a hub model (downloaded if needed)."""
+def _resolve_source(source: str | os.PathLike, *, allow_pickle: bool) -> Path:
+    """A local directory, or the snapshot directory of a hub model (downloaded if
+    needed; its pickled ``*.bin`` weights only with ``allow_pickle``)."""
     path = Path(source).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -115,9 +116,8 @@ def _resolve_source(source: str | os.PathLike) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        return Path(snapshot_download(
-            name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]
-        ))
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", *(["*.bin"] if allow_pickle else [])]
+        return Path(snapshot_download(name, allow_patterns=patterns))
     except RepositoryNotFoundError:
         raise UserError(f"no model named {name!r} on the Hugging Face hub, and no such local directory") from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
@@ -136,7 +136,7 @@ def load_mlm(source: str | os.PathLike, *, dtype: str = "float32", allow_pickle:
     stay float32. ``allow_pickle``: accept ``pytorch_model.bin`` (runs code on load).
     """
     _check_dtype(dtype)
-    directory = _resolve_source(source)
+    directory = _resolve_source(source, allow_pickle=allow_pickle)
     config, params, hf = load_checkpoint(directory, allow_pickle=allow_pickle)
     params = jax.tree_util.tree_map(jnp.asarray, params)
     return MaskedLM(config=config, params=params, tokenizer=_load_tokenizer(directory), dtype=dtype, hf_config=hf)
