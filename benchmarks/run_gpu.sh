@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Everything issue 7 asks of one GPU, in one call (device time is short). Expects
-# jaxjoint installed with '.[cuda]' and a CUDA build of PyTorch for the baseline.
+# jaxjoint installed with '.[cuda]' and a CUDA build of PyTorch for the baseline;
+# on a machine whose python3 already has jax[cuda], flax, optax, safetensors,
+# transformers and torch, run it from the repository root without installing:
+#   PYTHON=python3 OUT=/some/dir bash benchmarks/run_gpu.sh
 # Prepared, not yet run: no GPU has been lent to this project so far.
 # JSON goes to ${OUT:-benchmarks/results/gpu}/; tables and logs to stdout.
 set -euo pipefail
