@@ -24,6 +24,6 @@ for shape in bert-base-cased bert-large-cased; do
 done
 $py -m benchmarks.end_to_end --shape bert-base-cased --length 16 --dtype float32 --repeats 1 \
     --json "$out/end_to_end_bert-base-cased_baseline.json"
-$py -m benchmarks.tables_throughput --shape bert-base-cased bert-large-cased --length 16 32 \
+$py -m benchmarks.tables_throughput --shape bert-base-cased bert-large-cased --length 16 32 --rows 8192 \
     --dtype float32 bfloat16 --chunk 64 256 1024 --json "$out/tables_chunks.json"
 $py -m benchmarks.ag_iteration --vocab 28996 --json "$out/ag_iteration_28996.json"

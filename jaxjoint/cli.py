@@ -64,7 +64,14 @@ def _config_arguments(p: argparse.ArgumentParser, *, evaluation: bool) -> None:
 
 def _resolve(args: argparse.Namespace) -> EvalConfig:
     file_values = read_config_file(args.config) if args.config else {}
-    return resolve_config(file_values, {k: getattr(args, k) for k in KEYS if hasattr(args, k)})
+    config = resolve_config(file_values, {k: getattr(args, k) for k in KEYS if hasattr(args, k)})
+    # A config file's ag_iters (the shipped ones say 40) is simply unused under a
+    # tolerance; on the command line either option without its mode is a mistake.
+    if args.ag_iters is not None and config.ag_tol is not None:
+        raise UserError("--ag-iters is AG's fixed count; with --ag-tol give the cap as --ag-max-iters")
+    if args.ag_max_iters is not None and config.ag_tol is None:
+        raise UserError("--ag-max-iters caps AG under --ag-tol; give --ag-tol too, or --ag-iters for a fixed count")
+    return config
 
 
 # --- evaluate ---------------------------------------------------------------------------

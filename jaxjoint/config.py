@@ -60,9 +60,7 @@ class EvalConfig:
 
     def ag_options(self) -> dict[str, Any]:
         """Keyword options for ``derive_joint(tables, "ag", ...)``."""
-        if self.ag_tol is None:
-            return {"iters": self.ag_iters}
-        return {"tol": self.ag_tol, "max_iters": self.ag_max_iters}
+        return ag_options(self.to_dict())
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values (``methods`` as a list)."""
@@ -73,7 +71,26 @@ class EvalConfig:
 
 KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
 # Keys that change what a pair's record holds; the rest may differ when a run resumes.
-RESULT_KEYS = ("model", "data", "masking", "seed", "methods", "ag_iters", "ag_tol", "ag_max_iters", "dtype")
+# AG's keys count through the options AG runs with (``result_settings``).
+RESULT_KEYS = ("model", "data", "masking", "seed", "methods", "dtype")
+
+
+def ag_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``derive_joint`` options for AG from config values (``EvalConfig.to_dict()``
+    or a stored ``config.yaml``: one written before ``ag_max_iters`` existed kept
+    the cap under a tolerance in ``ag_iters``)."""
+    if values.get("ag_tol") is None:
+        return {"iters": values.get("ag_iters")}
+    return {"tol": values["ag_tol"], "max_iters": values.get("ag_max_iters", values.get("ag_iters"))}
+
+
+def result_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's records depend on, from config values as in ``ag_options``:
+    the ``RESULT_KEYS`` and, when AG is among the methods, its options."""
+    settings = {key: values.get(key) for key in RESULT_KEYS}
+    if "ag" in (values.get("methods") or ()):
+        settings["ag"] = ag_options(values)
+    return settings
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:

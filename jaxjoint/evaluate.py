@@ -10,8 +10,8 @@ An output directory holds:
 
 Running again with the same directory resumes: finished pairs are kept, a torn
 last line (a kill during the write) is dropped and that pair recomputed, and a
-run whose config differs in a key that changes the records (``RESULT_KEYS``) is
-refused.
+run whose config differs in a setting that changes the records
+(``config.result_settings``) is refused.
 
 With ``distributed: pairs`` or ``global`` the run spans several processes
 (``jaxjoint.distributed``); process 0 alone touches the output directory, and it
@@ -40,7 +40,7 @@ import numpy as np
 import yaml
 from jax.sharding import Mesh
 
-from jaxjoint.config import DEFAULT_MODEL, RESULT_KEYS, EvalConfig
+from jaxjoint.config import DEFAULT_MODEL, EvalConfig, result_settings
 from jaxjoint.data import MaskedPair, load_sentences, make_pairs, max_tokens
 from jaxjoint.default import MODEL_DIR as DEFAULT_MODEL_DIR
 from jaxjoint.distributed import Processes, ProcessFailure, describe, global_mesh, processes
@@ -245,12 +245,12 @@ def _check_out_dir(out: Path, config: EvalConfig) -> list[dict[str, Any]]:
         stored = yaml.safe_load(stored_path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as err:
         raise UserError(f"cannot read {stored_path} ({type(err).__name__}); choose a new --out directory") from None
-    current = config.to_dict()
-    changed = [k for k in RESULT_KEYS if stored.get(k) != current[k]]
+    theirs, ours = result_settings(stored), result_settings(config.to_dict())
+    changed = [k for k in (*ours, *theirs) if theirs.get(k) != ours.get(k)]
     if changed:
         k = changed[0]
         raise UserError(
-            f"{out} holds a run with another config ({k}: {stored.get(k)!r} there, {current[k]!r} now); "
+            f"{out} holds a run with another config ({k}: {theirs.get(k)!r} there, {ours.get(k)!r} now); "
             "use a new --out, or the same settings to resume")
     return read_pairs(out / PAIRS_FILE)[0]
 

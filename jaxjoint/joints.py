@@ -58,8 +58,9 @@ BLOCK_CELLS = 1 << 18
 # --- the cell function -------------------------------------------------------------
 
 
-def _finite_or_zero(x):
-    return jnp.where(jnp.isfinite(x), x, 0.0)
+def _neg_inf_to_zero(x):
+    """-inf (an empty row or column) -> 0; NaN stays NaN, so bad logits show."""
+    return jnp.where(x == -jnp.inf, 0.0, x)
 
 
 @jax.tree_util.register_dataclass
@@ -87,9 +88,9 @@ class Normaliser:
     @staticmethod
     def of(logits: jax.Array, axis: int) -> "Normaliser":
         """The normaliser of ``logits`` along ``axis`` (removed from the shape)."""
-        shift = _finite_or_zero(logits.max(axis=axis))
+        shift = _neg_inf_to_zero(logits.max(axis=axis))
         log_sum = jnp.log(jnp.exp(logits - jnp.expand_dims(shift, axis)).sum(axis=axis))
-        return Normaliser(shift, _finite_or_zero(log_sum))
+        return Normaliser(shift, _neg_inf_to_zero(log_sum))
 
 
 def _cell_parts(method: str, fa, fb, na, nb, row, col):
@@ -202,9 +203,10 @@ class Joint:
         return _log_cond_b(self, self._tokens(a_val))
 
     def _tokens(self, tokens: ArrayLike) -> jax.Array:
-        """``tokens`` as an array, ``UserError`` when a concrete one is outside [0, V)
-        (a traced one inside jit is not checked: JAX clamps its gathers)."""
-        if not isinstance(tokens, jax.core.Tracer):
+        """``tokens`` as an array; ``UserError`` when a Python or NumPy one is outside
+        [0, V). JAX arrays are not checked (that would copy them to the host; inside
+        jit they are traced): out-of-range ones are clamped, as JAX gathers are."""
+        if not isinstance(tokens, jax.Array):
             values = np.asarray(tokens)
             if values.size and (values.min() < 0 or values.max() >= self.vocab_size):
                 raise UserError(f"token ids must be in [0, {self.vocab_size}); got {values.min()}..{values.max()}")
@@ -283,14 +285,14 @@ def _logsumexp_across_devices(x: jax.Array) -> jax.Array:
     bound instead would save the pmax but lets peaked columns underflow to -inf.
     """
     shift = lax.pmax(x, VOCAB_AXIS)
-    shift = _finite_or_zero(shift)
+    shift = _neg_inf_to_zero(shift)
     return jnp.log(lax.psum(jnp.exp(x - shift), VOCAB_AXIS)) + shift
 
 
 def _logsumexp_parts(top, ratio, axis: int):
     """logsumexp of ``top + log(ratio)`` along ``axis``, shifted by the max of ``top``."""
     shift = top.max(axis=axis, keepdims=True)
-    shift = _finite_or_zero(shift)
+    shift = _neg_inf_to_zero(shift)
     w = jnp.exp(top - shift)
     if ratio is not None:
         w = w * ratio
@@ -394,7 +396,7 @@ def _ag_table(fa, fb, norm_a, norm_b):
     hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
     log_s = hi + jnp.log(1 + _exp_gap(lo, hi))
     row_max = log_s.max(axis=1)
-    return jnp.exp(log_s - _finite_or_zero(row_max)[:, None]), row_max
+    return jnp.exp(log_s - _neg_inf_to_zero(row_max)[:, None]), row_max
 
 
 def _ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
@@ -417,7 +419,7 @@ def _ag_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
     c = log_pb.max()
     w = jnp.exp(c - log_pb)
     valid = jnp.isfinite(s)
-    s_max = _finite_or_zero(jnp.where(valid, s, -jnp.inf).max())
+    s_max = _neg_inf_to_zero(jnp.where(valid, s, -jnp.inf).max())
     weight = jnp.exp(s - s_max)  # per row, for the column sums; 0 on padding
 
     def step(col_sum, block):
@@ -537,8 +539,9 @@ def resolve_mesh(tables: PairTables, mesh: Mesh | None) -> Mesh:
     if mesh is None:
         sharding = getattr(tables.logits_a, "sharding", None)
         if isinstance(sharding, NamedSharding) and VOCAB_AXIS in sharding.mesh.axis_names:
-            return sharding.mesh
-        return make_mesh(jax.local_devices()[:1])
+            mesh = sharding.mesh
+        else:
+            mesh = make_mesh(jax.local_devices()[:1])
     k = mesh_size(mesh)
     if tables.padded_vocab_size % k:
         raise UserError(

@@ -149,21 +149,25 @@ def activation_bytes_per_sequence(config: EncoderConfig, length: int, dtype: str
 
 def memory_budget_bytes(device: jax.Device) -> int:
     """Bytes for the substitution batch's activations on one device: a quarter of
-    what the device had left when first asked (the tables and parameters need the
-    rest). Read once per device and process, so that the chunk size, and with it the
-    compiled program, stays the same for every pair of a run whatever the tables in
-    flight hold."""
-    if device not in _BUDGETS:
-        stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-        if not stats or "bytes_limit" not in stats:
-            _BUDGETS[device] = DEFAULT_CPU_BUDGET_BYTES
-        else:
-            free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-            _BUDGETS[device] = max(free // 4, 1 << 26)
-    return _BUDGETS[device]
+    what the device has left (the tables and parameters need the rest)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if not stats or "bytes_limit" not in stats:
+        return DEFAULT_CPU_BUDGET_BYTES
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(free // 4, 1 << 26)
 
 
-_BUDGETS: dict[jax.Device, int] = {}
+def _run_budget(device: jax.Device, config: EncoderConfig) -> int:
+    """``memory_budget_bytes`` as first read for this device and model: every pair
+    of a run then gets the same chunk size, and so the same compiled program,
+    whatever the tables in flight hold when it starts."""
+    key = (device, config)
+    if key not in _RUN_BUDGETS:
+        _RUN_BUDGETS[key] = memory_budget_bytes(device)
+    return _RUN_BUDGETS[key]
+
+
+_RUN_BUDGETS: dict[tuple[jax.Device, EncoderConfig], int] = {}
 
 
 def default_chunk_size(config: EncoderConfig, length: int, dtype: str, budget_bytes: int) -> int:
@@ -312,7 +316,7 @@ def _dispatch(mlm: MaskedLM, prep: _Prepared, *, mesh: Mesh | None, chunk_size: 
         # several processes, pass chunk_size so that all compile the same program.)
         device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
         chunk_size = default_chunk_size(
-            mlm.config, prep.input_ids.shape[0], model.dtype, memory_budget_bytes(device))
+            mlm.config, prep.input_ids.shape[0], model.dtype, _run_budget(device, mlm.config))
     n_chunks, chunk = _chunking(rows // mesh_size(mesh), chunk_size)
 
     params = mlm.params_on(replicated(mesh))

@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 from jaxjoint.errors import UserError
+from jaxjoint.models import bert
 from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.checkpoint import save_checkpoint
 from jaxjoint.models.config import EncoderConfig
@@ -273,9 +274,7 @@ def _compiled(config: TrainConfig, pad_token_id: int):
 
 @functools.lru_cache(maxsize=8)
 def _init_fn(encoder: EncoderConfig):
-    module = MaskedLMModule(encoder)
-    ids = jnp.zeros((1, 4), jnp.int32)
-    return jax.jit(lambda key: module.init(key, ids, jnp.ones_like(ids), ids[:, :1])["params"])
+    return jax.jit(functools.partial(bert.init_params, encoder))
 
 
 def init_params(config: TrainConfig, pad_token_id: int = 0) -> Params:

@@ -15,6 +15,7 @@ import yaml
 
 import jaxjoint.evaluate as evaluate_mod
 from jaxjoint import UserError, load_mlm
+from jaxjoint import cli
 from jaxjoint.cli import build_parser, main
 from jaxjoint.config import KEYS, read_config_file, resolve_config
 from jaxjoint.evaluate import explain_pair
@@ -207,6 +208,11 @@ def test_value_forms():
     # A file's fixed count (every shipped config has ag_iters: 40) does not cap a tolerance.
     assert resolve_config({"ag_iters": 40}, {"ag_tol": 1e-6}).ag_options() == {"tol": 1e-6, "max_iters": 10_000}
     assert resolve_config({"ag_tol": 1e-3, "ag_iters": 7}).ag_options() == {"tol": 1e-3, "max_iters": 10_000}
+    # On the command line, each AG option needs its mode.
+    for args, message in ((["--ag-tol", "1e-6", "--ag-iters", "2000"], "with --ag-tol give the cap as --ag-max-iters"),
+                          (["--ag-max-iters", "50"], "--ag-max-iters caps AG under --ag-tol")):
+        with pytest.raises(UserError, match=message):
+            cli._resolve(build_parser().parse_args(["evaluate", *args]))
     assert resolve_config({}).ag_options() == {"iters": 40}
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+import yaml
 
 import jaxjoint.evaluate as evaluate_mod
 from jaxjoint import UserError, load_mlm
@@ -295,7 +296,25 @@ def test_other_config_for_existing_out_is_refused(ckpt, data_file, full_run):
         evaluate(run_config(ckpt, data_file, out, masking="contiguous"), quiet=True)
     with pytest.raises(UserError, match="methods"):
         evaluate(run_config(ckpt, data_file, out, methods="mlm"), quiet=True)
+    with pytest.raises(UserError, match=r"ag: \{'iters': 40\} there, \{'iters': 5\} now"):
+        evaluate(run_config(ckpt, data_file, out, ag_iters=5), quiet=True)
+    with pytest.raises(UserError, match=r"ag: \{'iters': 40\} there, \{'tol': 0.001, 'max_iters': 10000\} now"):
+        evaluate(run_config(ckpt, data_file, out, ag_tol=1e-3), quiet=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_settings_that_do_not_change_the_records_may_change(full_run, ckpt, data_file, tmp_path):
+    """A cap that a fixed count never reaches, in a config.yaml written before the
+    key existed or with another value now, does not block a resume."""
+    out = tmp_path / "run"
+    shutil.copytree(full_run[0], out)
+    stored = yaml.safe_load((out / "config.yaml").read_text())
+    del stored["ag_max_iters"]
+    (out / "config.yaml").write_text(yaml.safe_dump(stored))
+    lines = read_lines(out)
+    summary = evaluate(run_config(ckpt, data_file, out, ag_max_iters=7), quiet=True)
+    assert summary["methods"] == full_run[1]["methods"] and summary["config"]["ag_max_iters"] == 7
+    assert read_lines(out) == lines
 
 
 def test_foreign_or_finished_out_dirs(ckpt, data_file, tmp_path, full_run):

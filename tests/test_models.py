@@ -153,6 +153,19 @@ def test_config_that_does_not_match_the_weights(tmp_path, key, value, tensor):
         load_mlm(source)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("num_hidden_layers", 0, "at least one layer"),
+    ("num_attention_heads", 5, "does not split into 5 attention heads"),
+])
+def test_impossible_shapes(tmp_path, key, value, message):
+    source = make_checkpoint(tmp_path / "m", "bert")
+    config = json.loads((source / "config.json").read_text())
+    config[key] = value
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match=message):
+        load_mlm(source)
+
+
 def test_pickle_only_checkpoint_is_refused_unless_allowed(tmp_path):
     import torch
 

@@ -6,19 +6,19 @@ to each family's PyTorch names; reading and writing both go through it.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.bert import init_params
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
 
 Params = dict[str, Any]
@@ -191,9 +191,7 @@ def params_from_state_dict(
 
 def _parameter_shapes(config: EncoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
     """Flax parameter path -> the shape the module gives it under ``config``."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    init = lambda: MaskedLMModule(config).init(jax.random.PRNGKey(0), ids, ids, ids[:, :1])
-    tree = jax.eval_shape(init)["params"]
+    tree = jax.eval_shape(functools.partial(init_params, config), jax.random.PRNGKey(0))
     return {path: leaf.shape for path, leaf in traverse_util.flatten_dict(tree).items()}
 
 

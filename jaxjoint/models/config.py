@@ -35,6 +35,12 @@ class EncoderConfig:
     padding_aware_positions: bool = False
     tie_word_embeddings: bool = True
 
+    def __post_init__(self) -> None:
+        if self.num_layers < 1:
+            raise UserError(f"an encoder needs at least one layer, got num_layers={self.num_layers}")
+        if self.num_heads < 1 or self.hidden_size % self.num_heads:
+            raise UserError(f"hidden size {self.hidden_size} does not split into {self.num_heads} attention heads")
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.bert import MaskedLMModule, init_params
 from jaxjoint.models.checkpoint import Params, load_checkpoint
 from jaxjoint.models.config import EncoderConfig
 
@@ -116,8 +116,11 @@ def _resolve_source(source: str | os.PathLike, *, allow_pickle: bool) -> Path:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
-        patterns = ["*.json", "*.safetensors", "*.txt", "*.model", *(["*.bin"] if allow_pickle else [])]
-        return Path(snapshot_download(name, allow_patterns=patterns))
+        patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
+        path = Path(snapshot_download(name, allow_patterns=patterns))
+        if allow_pickle and not any(path.glob("*.safetensors")):  # pickles only where needed
+            path = Path(snapshot_download(name, allow_patterns=[*patterns, "*.bin"]))
+        return path
     except RepositoryNotFoundError:
         raise UserError(f"no model named {name!r} on the Hugging Face hub, and no such local directory") from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
@@ -156,6 +159,4 @@ def _load_tokenizer(directory: Path) -> Any:
 
 def random_params(config: EncoderConfig, seed: int = 0) -> Params:
     """Randomly initialised float32 parameters (BERT's N(0, 0.02) initialiser)."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    variables = MaskedLMModule(config).init(jax.random.PRNGKey(seed), ids, jnp.ones_like(ids), ids[:, :1])
-    return jax.tree_util.tree_map(np.asarray, variables["params"])
+    return jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(seed)))
