@@ -259,9 +259,10 @@ def _to_dense(joint: Joint):
 def _fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
     """Run ``step(carry, row_block) -> (carry, out[c])`` over consecutive row blocks.
 
-    rows: a tuple of pytrees of arrays with a common leading dimension n. Returns the final carry and the
-    per-row outputs, float32[n]. Full blocks go through ``lax.scan`` on dynamic
-    slices (no copy of the tables); a shorter last block is handled once after it.
+    rows: a tuple of pytrees of arrays with a common leading dimension n. Returns
+    the final carry and the per-row outputs, float32[n]. Full blocks go through
+    ``lax.scan`` on dynamic slices (no copy of the tables); a shorter last block is
+    handled once after it.
     """
     n = rows[0].shape[0]
     c = min(block_rows, n)

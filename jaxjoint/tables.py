@@ -157,17 +157,12 @@ def memory_budget_bytes(device: jax.Device) -> int:
     return max(free // 4, 1 << 26)
 
 
+@functools.cache
 def _run_budget(device: jax.Device, config: EncoderConfig) -> int:
     """``memory_budget_bytes`` as first read for this device and model: every pair
     of a run then gets the same chunk size, and so the same compiled program,
     whatever the tables in flight hold when it starts."""
-    key = (device, config)
-    if key not in _RUN_BUDGETS:
-        _RUN_BUDGETS[key] = memory_budget_bytes(device)
-    return _RUN_BUDGETS[key]
-
-
-_RUN_BUDGETS: dict[tuple[jax.Device, EncoderConfig], int] = {}
+    return memory_budget_bytes(device)
 
 
 def default_chunk_size(config: EncoderConfig, length: int, dtype: str, budget_bytes: int) -> int:
