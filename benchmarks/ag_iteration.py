@@ -6,10 +6,11 @@ jaxjoint's iteration (``derive_joint(..., "ag")``) reads one V x V table,
 qA + qB (row-scaled), built once per pair from the two conditional tables, and keeps only
 the two marginals; its time per iteration is the difference between runs of
 ``1 + n`` and ``1`` iterations divided by ``n`` (the set-up work common to both
-cancels). Its bytes moved are that float32 table, 4 V^2 bytes, set against a large array copy measured in the same run (bytes read +
-written). The baseline is the straightforward implementation that carries the
-V x V joint from one iteration to the next (reads the two probability tables and
-the joint, writes the joint), timed the same way in the same run.
+cancels). Its bytes moved are that float32 table, 4 V^2 bytes, set against a large
+array copy measured in the same run (bytes read + written). The baseline is the
+straightforward implementation that carries the V x V joint from one iteration to
+the next (reads the two probability tables and the joint, writes the joint), timed
+the same way in the same run.
 
 Prints a table and writes JSON; not a test.
 """

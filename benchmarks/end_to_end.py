@@ -24,14 +24,22 @@ import jax
 import numpy as np
 
 from benchmarks.common import (
-    DEFAULT_MODEL_DIR, SHAPES, machine, measured_bandwidth, measured_matmul_peak, model_shape,
-    print_table, time_call, write_json)
+    DEFAULT_MODEL_DIR,
+    SHAPES,
+    machine,
+    measured_bandwidth,
+    measured_matmul_peak,
+    model_shape,
+    print_table,
+    time_call,
+    write_json,
+)
 from jaxjoint import load_mlm
-from jaxjoint.models.checkpoint import save_checkpoint
-from jaxjoint.models.mlm import random_params
 from jaxjoint.flops import pair_flops
 from jaxjoint.joints import METHODS, derive_joint
 from jaxjoint.metrics import pair_metrics
+from jaxjoint.models.checkpoint import save_checkpoint
+from jaxjoint.models.mlm import random_params
 from jaxjoint.sharding import make_mesh
 from jaxjoint.tables import bucket_length, pair_tables
 
@@ -65,8 +73,8 @@ def run_jaxjoint(mlm, ids, a, b, dtype, methods, ag_iters, repeats) -> dict[str,
     joints = {}
     for method in methods:
         options = {"iters": ag_iters} if method == "ag" else {}
-        seconds[f"joint_{method}"] = time_call(lambda: derive_joint(tables, method, mesh=mesh, **options),
-                                               repeats=repeats)
+        seconds[f"joint_{method}"] = time_call(
+            lambda: derive_joint(tables, method, mesh=mesh, **options), repeats=repeats)  # noqa: B023 - called here
         joints[method] = derive_joint(tables, method, mesh=mesh, **options)
     seconds["metrics"] = time_call(
         lambda: [pair_metrics(tables, joints[m], gold=gold) for m in methods], repeats=repeats)
@@ -111,7 +119,7 @@ def main() -> None:
             import transformers
         except ImportError:
             raise SystemExit("the paper's baseline runs on PyTorch, which is not installed: "
-                             "pip install -e '.[test]' (a CPU build from local disk), or pass --no-baseline")
+                             "pip install -e '.[test]' (a CPU build from local disk), or pass --no-baseline") from None
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     peaks = {d: measured_matmul_peak(d) for d in args.dtype}

@@ -19,8 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.common import (
-    machine, measured_matmul_peak, model_shape, print_table, time_call, write_json)
+from benchmarks.common import machine, measured_matmul_peak, model_shape, print_table, time_call, write_json
 from jaxjoint.flops import sequence_flops
 from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.mlm import DTYPES, random_params

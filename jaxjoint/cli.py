@@ -1,26 +1,29 @@
 """The ``jaxjoint`` command: evaluate, pair, plot, train-mlm.
 
-Errors a user can fix are one line on stderr (``jaxjoint: error: ...``) and exit
-status 2; an interrupt exits 130 after saying how to resume. A process of a
-multi-process run that lost another process, was interrupted, or hit an
-unexpected error exits at once (``distributed.exit_now``).
+Each subcommand is a thin layer: its flags come from the config declaration
+(``config.add_arguments``), its work from the library. Errors a user can fix are
+one line on stderr (``jaxjoint: error: ...``) and exit status 2; an interrupt
+exits 130 after saying how to resume. A process of a multi-process run that lost
+another process, was interrupted, or hit an unexpected error exits at once
+(``distributed.exit_now``). Importing this module loads no model, no training
+code and no PyTorch: subcommands import what they need when they run.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import traceback
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
-import jax
-
-from jaxjoint import distributed, train
-from jaxjoint.config import KEYS, EvalConfig, read_config_file, resolve_config
+from jaxjoint.config import EvalConfig, LaunchOptions, add_arguments, check_ag_flags, read_config_file, resolve_config
 from jaxjoint.errors import UserError
 
 EPILOG = "Paths in a config file are relative to the current directory; command-line values override it."
+TRAIN_HELP = "train a small BERT-style masked LM (how the default model was made)"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,74 +33,41 @@ class _Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
-def _config_arguments(p: argparse.ArgumentParser, *, evaluation: bool) -> None:
-    """The options shared by evaluate and pair; every default is None ("not given")."""
-    p.add_argument("--config", metavar="FILE", help="YAML config file (keys as in configs/*.yaml)")
-    p.add_argument("--model", metavar="PATH|NAME", help="checkpoint directory, hub name, or 'default'")
-    if evaluation:
-        p.add_argument("--data", metavar="NAME|PATH",
-                       help="default, default-news, snli, xsum, or a .txt / .jsonl file")
-        p.add_argument("--masking", metavar="KIND", help="random (default) or contiguous")
-        p.add_argument("--max-sentences", type=int, metavar="N", help="use the first N sentences (default all)")
-        p.add_argument("--seed", type=int, metavar="S", help="seed of the masked positions (default 0)")
-    p.add_argument("--methods", metavar="LIST", help="comma-separated subset of mlm,mrf,mrf_logit,hcb,ag")
-    p.add_argument("--ag-iters", type=int, metavar="N",
-                   help="AG's fixed iteration count (default 40, the paper's), when no --ag-tol is given")
-    p.add_argument("--ag-tol", type=float, metavar="TOL",
-                   help="iterate AG until the L1 change of its marginals is below TOL")
-    p.add_argument("--ag-max-iters", type=int, metavar="N",
-                   help="with --ag-tol, the most AG iterations (default 10000)")
-    p.add_argument("--dtype", metavar="DTYPE", help="float32 (default) or bfloat16 forward passes")
-    p.add_argument("--chunk-size", type=int, metavar="N", help="sequences per device per step")
-    p.add_argument("--devices", type=int, metavar="N", help="use the first N local devices (default all)")
-    if evaluation:
-        p.add_argument("--distributed", metavar="MODE",
-                       help="none (default: one process), or several processes started with the same command: "
-                       "pairs (each process scores its own pairs on its devices: throughput) or global "
-                       "(all devices of all processes on each pair: latency)")
-        p.add_argument("--coordinator", metavar="HOST:PORT",
-                       help="process 0's address, reachable by every process (not needed on TPU VMs, SLURM, "
-                       "Open MPI)")
-        p.add_argument("--num-processes", type=int, metavar="N", help="number of processes in the run")
-        p.add_argument("--process-id", type=int, metavar="K", help="this process's number, 0 to N-1")
-
-
-def _resolve(args: argparse.Namespace) -> EvalConfig:
-    file_values = read_config_file(args.config) if args.config else {}
-    config = resolve_config(file_values, {k: getattr(args, k) for k in KEYS if hasattr(args, k)})
-    # A config file's ag_iters (the shipped ones say 40) is simply unused under a
-    # tolerance; on the command line either option without its mode is a mistake.
-    if args.ag_iters is not None and config.ag_tol is not None:
-        raise UserError("--ag-iters is AG's fixed count; with --ag-tol give the cap as --ag-max-iters")
-    if args.ag_max_iters is not None and config.ag_tol is None:
-        raise UserError("--ag-max-iters caps AG under --ag-tol; give --ag-tol too, or --ag-iters for a fixed count")
-    return config
+def _config(args: argparse.Namespace) -> EvalConfig:
+    """The run's config: the ``--config`` file, overridden by the flags given."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
+    check_ag_flags(given)
+    return resolve_config(read_config_file(args.config) if args.config else {}, given)
 
 
 # --- evaluate ---------------------------------------------------------------------------
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from jaxjoint.evaluate import PAIRS_FILE, count_pairs, evaluate
+    import jax
 
-    config = _resolve(args)
+    from jaxjoint.run import distributed
+    from jaxjoint.run.rundir import count_pairs
+    from jaxjoint.run.runner import evaluate
+
+    config = _config(args)
     launch = (args.coordinator, args.num_processes, args.process_id)
     if config.distributed == "none":
         if any(v is not None for v in launch):
             raise UserError("--coordinator, --num-processes and --process-id need --distributed pairs or global")
     else:
         distributed.initialize(*launch)
+    pairs_file = f"{config.out}/pairs.jsonl"
     try:
         evaluate(config, quiet=args.quiet)
     except KeyboardInterrupt:
         if not distributed.is_initialized():
-            n = count_pairs(config.out)
-            print(f"\njaxjoint: interrupted; {n} finished pairs are saved in {config.out}/{PAIRS_FILE}; "
+            print(f"\njaxjoint: interrupted; {count_pairs(config.out)} finished pairs are saved in {pairs_file}; "
                   "run the same command again to resume", file=sys.stderr)
             return 130
         saved = f"{count_pairs(config.out)} finished pairs are saved" if jax.process_index() == 0 else (
             "process 0 keeps the finished pairs")
-        print(f"\njaxjoint: interrupted; {saved} in {config.out}/{PAIRS_FILE}; "
+        print(f"\njaxjoint: interrupted; {saved} in {pairs_file}; "
               "run the same command on every process to resume", file=sys.stderr)
         distributed.exit_now(130)
     except UserError:
@@ -117,12 +87,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 def _run_pair(args: argparse.Namespace) -> int:
     from jaxjoint.data import max_tokens
-    from jaxjoint.evaluate import LABELS, device_mesh, explain_pair, model_source
+    from jaxjoint.default import model_source
+    from jaxjoint.explain import explain_pair
+    from jaxjoint.joints import LABELS
     from jaxjoint.models.mlm import load_mlm
+    from jaxjoint.sharding import local_mesh
 
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
-    config = _resolve(args)
+    config = _config(args)
     mlm = load_mlm(model_source(config.model), dtype=config.dtype)
     tok = mlm.tokenizer
     if tok is None:
@@ -134,7 +107,7 @@ def _run_pair(args: argparse.Namespace) -> int:
     gold = None if mlm.mask_token_id in (ids[a], ids[b]) else (ids[a], ids[b])
 
     result = explain_pair(mlm, ids, a, b, methods=config.methods, top_k=args.top_k, gold=gold,
-                          ag_options=config.ag_options(), mesh=device_mesh(config.devices),
+                          ag_options=config.ag_options(), mesh=local_mesh(config.devices),
                           chunk_size=config.chunk_size)
 
     print("tokens: " + " ".join(f"{i}:{t}" for i, t in enumerate(tokens)))
@@ -151,8 +124,7 @@ def _run_pair(args: argparse.Namespace) -> int:
                                    for i in range(min(len(c) for c in columns.values()))]))
     if result["ag"] is not None:
         ag = result["ag"]
-        print(f"\nAG: {int(ag['iterations'])} iterations, last L1 change {ag['l1_change']:.3g}, "
-              f"J = {ag['objective']:.4g}")
+        print(f"\nAG: {ag['iters']} iterations, last L1 change {ag['delta']:.3g}, J = {ag['objective']:.4g}")
     if gold is not None:
         rows = [[LABELS[m], *(f"{v[k]:.4f}" for k in ("p_nll", "u_nll", "kl_gold", "kl_all"))]
                 for m, v in result["metrics"].items()]
@@ -189,7 +161,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    from jaxjoint.plot import plot_run
+    from jaxjoint.run.plot import plot_run
 
     print(plot_run(args.directory, args.output))
     return 0
@@ -198,16 +170,21 @@ def _run_plot(args: argparse.Namespace) -> int:
 # --- main ------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``jaxjoint`` argument parser with all subcommands."""
+def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
+    """The ``jaxjoint`` argument parser with all subcommands.
+
+    ``train-mlm``'s own flags are registered only ``with_tools``: they live with the
+    training code, which the other commands never import.
+    """
     parser = _Parser(prog="jaxjoint", description="Exact pairwise joints derived from masked language models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ev = sub.add_parser("evaluate", help="score joint constructions on a data set (resumable)",
                         description="Derive each method's joint for one masked pair per sentence and score it "
                         "against the MLM's conditionals; rerun with the same --out to resume.", epilog=EPILOG)
-    _config_arguments(ev, evaluation=True)
-    ev.add_argument("--out", metavar="DIR", help="output directory (pairs.jsonl, summary.*)")
+    ev.add_argument("--config", metavar="FILE", help="YAML config file (keys as in configs/*.yaml)")
+    add_arguments(ev, EvalConfig, "evaluate")
+    add_arguments(ev, LaunchOptions, "evaluate")
     ev.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
     ev.set_defaults(func=_run_evaluate)
 
@@ -217,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("text", metavar="TEXT")
     pr.add_argument("--positions", type=int, nargs=2, metavar=("I", "J"), help="token positions A and B")
     pr.add_argument("--top-k", type=int, default=10, metavar="K", help="pairs to list per method (default 10)")
-    _config_arguments(pr, evaluation=False)
+    pr.add_argument("--config", metavar="FILE", help="YAML config file (keys as in configs/*.yaml)")
+    add_arguments(pr, EvalConfig, "pair")
     pr.set_defaults(func=_run_pair)
 
     pl = sub.add_parser("plot", help="PNG of NLL against token distance for an evaluate directory")
@@ -225,16 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--output", metavar="PNG", help="where to write (default DIR/nll_by_distance.png)")
     pl.set_defaults(func=_run_plot)
 
-    train.add_parser(sub)
+    if with_tools:
+        from jaxjoint.tools import train_mlm
+
+        train_mlm.add_parser(sub, help=TRAIN_HELP)
+    else:
+        sub.add_parser("train-mlm", help=TRAIN_HELP, add_help=False)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jaxjoint`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    from jaxjoint.run import distributed
+
+    argv = list(sys.argv[1:] if argv is None else argv)
     # jaxjoint uses transformers for tokenizers only: its "PyTorch was not found" advice is noise here.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(with_tools=argv[:1] == ["train-mlm"]).parse_args(argv)
         return args.func(args)
     except UserError as err:
         print(f"jaxjoint: error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -1,4 +1,20 @@
-"""The evaluation config: one dataclass, read from YAML and overridden by the command line.
+"""Every option of a run, declared once.
+
+``EvalConfig`` is the single declaration: each field carries its default, its help
+text and its check (``option``). From it derive
+
+- the command line: ``add_arguments`` makes ``--max-sentences N`` from ``max_sentences``;
+- YAML config files: ``read_config_file`` accepts exactly the field names;
+- validation: ``resolve_config`` merges layers (file, then command line) and checks
+  every value with ``check_value``;
+- resuming: ``result_settings`` compares the fields marked ``result`` (plus AG's
+  options) with those a run directory was made with;
+- multi-process runs: ``shared_settings`` are the fields every process must agree on.
+
+A small generator of our own rather than a library: the rules here (one-line
+errors, ``None`` meaning "not given" so that a config file's value survives an
+absent flag, paths made absolute) are a few lines each, and every option's whole
+story stays in one place.
 
 Paths in a config file (``model``, ``data``, ``out``) are taken relative to the
 current directory, like the same values given on the command line.
@@ -6,57 +22,76 @@ current directory, like the same values given on the command line.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
+from jaxjoint import default
 from jaxjoint.data import MASKINGS, is_data_name
-from jaxjoint.distributed import MODES as DISTRIBUTED_MODES
 from jaxjoint.errors import UserError
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
 from jaxjoint.models.mlm import DTYPES
 
-DEFAULT_MODEL = "default"
+DEFAULT_MODEL = default.NAME
+DISTRIBUTED_MODES = ("none", "pairs", "global")
+
+
+def option(default: Any, help: str, *, kind: str, metavar: str, choices: tuple[str, ...] = (),
+           minimum: int | None = None, result: bool = False, per_host: bool = False,
+           commands: tuple[str, ...] = ("evaluate", "pair")) -> Any:
+    """A config field with everything the command line, YAML and checks need.
+
+    kind: how a value is read and checked: ``int`` (with ``minimum``), ``positive``
+      (a float > 0), ``choice`` (one of ``choices``), ``methods`` (a list or
+      comma-separated subset of ``METHODS``), ``path`` (a file or directory; made
+      absolute) or ``source`` (a built-in name, a hub name, or a path).
+    result: the value changes what a pair's record holds (a resumed run must match).
+    per_host: may differ between the processes of one run (paths, the data slice).
+    commands: the subcommands that take it as a flag.
+    """
+    return dataclasses.field(default=default, metadata=dict(
+        help=help, kind=kind, metavar=metavar, choices=choices, minimum=minimum, result=result,
+        per_host=per_host, commands=commands))
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-    """Everything that defines an evaluation run (see ``jaxjoint evaluate --help``).
+    """Everything that defines an evaluation run (``jaxjoint evaluate --help``)."""
 
-    model: a checkpoint directory, a hub name, or ``default`` (the embedded model).
-    data: ``default``, ``default-news``, ``snli``, ``xsum``, or a .txt/.jsonl path.
-    masking: ``random`` or ``contiguous`` (DESIGN.md §2).
-    max_sentences: use the first N sentences of the data (None: all).
-    seed: seeds each sentence's masked positions together with its index.
-    methods: joint constructions, a subset of ``joints.METHODS``.
-    ag_iters: AG's fixed iteration count (the paper's 40), used when ``ag_tol`` is None.
-    ag_tol: iterate AG until the L1 change of its marginals is below this (None: fixed count).
-    ag_max_iters: with ``ag_tol``, the most iterations AG may run.
-    dtype: compute dtype of the forward passes, ``float32`` or ``bfloat16``.
-    chunk_size: sequences per device per step (None: from the device's memory).
-    devices: use the first N local devices (None: all); in ``global`` mode, of each process.
-    distributed: ``none`` (one process), ``pairs`` or ``global`` (several processes,
-      see ``jaxjoint.distributed``).
-    out: output directory (default ``runs/<model>_<data>_<masking>`` under the
-      current directory, see ``default_out``).
-    """
-
-    model: str = DEFAULT_MODEL
-    data: str = "default"
-    masking: str = "random"
-    max_sentences: int | None = None
-    seed: int = 0
-    methods: tuple[str, ...] = METHODS
-    ag_iters: int = AG_ITERS
-    ag_tol: float | None = None
-    ag_max_iters: int = AG_MAX_ITERS
-    dtype: str = "float32"
-    chunk_size: int | None = None
-    devices: int | None = None
-    distributed: str = "none"
-    out: str | None = None
+    model: str = option(DEFAULT_MODEL, "checkpoint directory, hub name, or 'default' (the embedded model)",
+                        kind="source", metavar="PATH|NAME", result=True, per_host=True)
+    data: str = option("default", "default, default-news, snli, xsum, or a .txt / .jsonl file",
+                       kind="source", metavar="NAME|PATH", result=True, per_host=True, commands=("evaluate",))
+    masking: str = option("random", "how the two positions are drawn: random or contiguous (DESIGN.md §2)",
+                          kind="choice", choices=MASKINGS, metavar="KIND", result=True, commands=("evaluate",))
+    max_sentences: int | None = option(None, "use the first N sentences (default all)", kind="int", minimum=1,
+                                       metavar="N", per_host=True, commands=("evaluate",))
+    seed: int = option(0, "seed of the masked positions, drawn per sentence from (seed, index)", kind="int",
+                       minimum=0, metavar="S", result=True, commands=("evaluate",))
+    methods: tuple[str, ...] = option(METHODS, f"comma-separated subset of {','.join(METHODS)}", kind="methods",
+                                      metavar="LIST", result=True)
+    ag_iters: int = option(AG_ITERS, "AG's fixed iteration count (40 is the paper's), used when no ag_tol is given",
+                           kind="int", minimum=1, metavar="N")
+    ag_tol: float | None = option(None, "iterate AG until the L1 change of its marginals is below TOL",
+                                  kind="positive", metavar="TOL")
+    ag_max_iters: int = option(AG_MAX_ITERS, "with ag_tol, the most AG iterations", kind="int", minimum=1,
+                               metavar="N")
+    dtype: str = option("float32", "compute dtype of the forward passes: float32 or bfloat16", kind="choice",
+                        choices=tuple(DTYPES), metavar="DTYPE", result=True)
+    chunk_size: int | None = option(None, "sequences per device per step (default: from the device's memory)",
+                                    kind="int", minimum=1, metavar="N")
+    devices: int | None = option(None, "use the first N local devices (default all); in global mode, of each "
+                                 "process", kind="int", minimum=1, metavar="N")
+    distributed: str = option("none", "none (one process), or several processes started with the same command: "
+                              "pairs (each process scores its own pairs on its devices: throughput) or global "
+                              "(all devices of all processes on each pair: latency)", kind="choice",
+                              choices=DISTRIBUTED_MODES, metavar="MODE", commands=("evaluate",))
+    out: str | None = option(None, "output directory (default runs/<model>_<data>_<masking>)", kind="path",
+                             metavar="DIR", per_host=True, commands=("evaluate",))
 
     def ag_options(self) -> dict[str, Any]:
         """Keyword options for ``derive_joint(tables, "ag", ...)``."""
@@ -69,28 +104,60 @@ class EvalConfig:
         return values
 
 
-KEYS = tuple(f.name for f in dataclasses.fields(EvalConfig))
-# Keys that change what a pair's record holds; the rest may differ when a run resumes.
-# AG's keys count through the options AG runs with (``result_settings``).
-RESULT_KEYS = ("model", "data", "masking", "seed", "methods", "dtype")
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """How this process joins a multi-process run; differs from process to process,
+    so it is not part of the run's config (``jaxjoint.run.distributed.initialize``)."""
+
+    coordinator: str | None = option(None, "process 0's address, reachable by every process (not needed on TPU "
+                                     "VMs, SLURM, Open MPI)", kind="source", metavar="HOST:PORT",
+                                     commands=("evaluate",))
+    num_processes: int | None = option(None, "number of processes in the run", kind="int", minimum=1,
+                                       metavar="N", commands=("evaluate",))
+    process_id: int | None = option(None, "this process's number, 0 to N-1", kind="int", minimum=0,
+                                    metavar="K", commands=("evaluate",))
 
 
-def ag_options(values: Mapping[str, Any]) -> dict[str, Any]:
-    """``derive_joint`` options for AG from config values (``EvalConfig.to_dict()``
-    or a stored ``config.yaml``: one written before ``ag_max_iters`` existed kept
-    the cap under a tolerance in ``ag_iters``)."""
-    if values.get("ag_tol") is None:
-        return {"iters": values.get("ag_iters")}
-    return {"tol": values["ag_tol"], "max_iters": values.get("ag_max_iters", values.get("ag_iters"))}
+FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
+KEYS = tuple(FIELDS)
 
 
-def result_settings(values: Mapping[str, Any]) -> dict[str, Any]:
-    """What a run's records depend on, from config values as in ``ag_options``:
-    the ``RESULT_KEYS`` and, when AG is among the methods, its options."""
-    settings = {key: values.get(key) for key in RESULT_KEYS}
-    if "ag" in (values.get("methods") or ()):
-        settings["ag"] = ag_options(values)
-    return settings
+# --- the command line -----------------------------------------------------------------------
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``max_sentences`` -> ``--max-sentences``."""
+    return "--" + name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser, options: type, command: str) -> None:
+    """A flag for each field of the dataclass ``options`` that ``command`` takes.
+
+    Every flag's default is None ("not given"), so that values from a config file
+    survive; the help text names the real default.
+    """
+    for field in dataclasses.fields(options):
+        meta = field.metadata
+        if command not in meta["commands"]:
+            continue
+        kind = {"int": int, "positive": float}.get(meta["kind"], str)
+        shown = ",".join(field.default) if isinstance(field.default, tuple) else field.default
+        default = f" (default {shown})" if field.default is not None else ""
+        parser.add_argument(flag(field.name), dest=field.name, type=kind, metavar=meta["metavar"],
+                            help=meta["help"] + default)
+
+
+def check_ag_flags(given: Mapping[str, Any]) -> None:
+    """AG's options on the command line name their mode: ``--ag-iters`` is the fixed
+    count, ``--ag-max-iters`` the cap under ``--ag-tol``. (In a config file both may
+    stand, as every shipped config has ``ag_iters: 40``: the unused one is ignored.)"""
+    if given.get("ag_iters") is not None and given.get("ag_tol") is not None:
+        raise UserError("--ag-iters is AG's fixed count; with --ag-tol give the cap as --ag-max-iters")
+    if given.get("ag_max_iters") is not None and given.get("ag_tol") is None:
+        raise UserError("--ag-max-iters caps AG under --ag-tol; give --ag-tol too, or --ag-iters for a fixed count")
+
+
+# --- files and layers -------------------------------------------------------------------------
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -128,10 +195,9 @@ def resolve_config(*layers: Mapping[str, Any]) -> EvalConfig:
                 raise UserError(f"unknown config key {key!r}; valid keys: {', '.join(KEYS)}")
             if value is not None:
                 merged[key] = value
-    values = {key: _check(key, value) for key, value in merged.items()}
-    config = EvalConfig(**values)
+    config = EvalConfig(**{key: check_value(key, value) for key, value in merged.items()})
     if config.out is None:
-        config = dataclasses.replace(config, out=_absolute("out", default_out(config)))
+        config = dataclasses.replace(config, out=_absolute("path", default_out(config)))
     return config
 
 
@@ -148,49 +214,74 @@ def default_out(config: EvalConfig) -> str:
     return str(Path("runs") / f"{name(config.model)}_{name(config.data)}_{config.masking}")
 
 
-def _check(key: str, value: Any) -> Any:
-    """The canonical form of one config value; ``UserError`` when it is invalid."""
-    if key in ("model", "data", "out"):
+# --- settings a run is identified by ------------------------------------------------------------
+
+
+def ag_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``derive_joint`` options for AG from config values (``EvalConfig.to_dict()``
+    or a stored ``config.yaml``: one written before ``ag_max_iters`` existed kept
+    the cap under a tolerance in ``ag_iters``)."""
+    if values.get("ag_tol") is None:
+        return {"iters": values.get("ag_iters")}
+    return {"tol": values["ag_tol"], "max_iters": values.get("ag_max_iters", values.get("ag_iters"))}
+
+
+def result_settings(values: Mapping[str, Any]) -> dict[str, Any]:
+    """What a run's records depend on, from config values as in ``ag_options``:
+    the fields marked ``result`` and, when AG is among the methods, its options."""
+    settings = {key: values.get(key) for key, f in FIELDS.items() if f.metadata["result"]}
+    if "ag" in (values.get("methods") or ()):
+        settings["ag"] = ag_options(values)
+    return settings
+
+
+def shared_settings(config: EvalConfig) -> dict[str, Any]:
+    """The settings every process of a multi-process run must agree on: all but
+    the ``per_host`` ones (paths and the data slice, which the processes check by
+    comparing the pairs they made)."""
+    return {key: value for key, value in config.to_dict().items() if not FIELDS[key].metadata["per_host"]}
+
+
+# --- checking one value -------------------------------------------------------------------------
+
+
+def check_value(key: str, value: Any) -> Any:
+    """The canonical form of config value ``key``; ``UserError`` when it is invalid."""
+    meta = FIELDS[key].metadata
+    kind = meta["kind"]
+    if kind in ("path", "source"):
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"config key {key!r} must be a non-empty string")
-        return _absolute(key, value.strip())
-    if key == "masking":
-        return _choice(key, value, MASKINGS)
-    if key == "dtype":
-        return _choice(key, value, tuple(DTYPES))
-    if key == "distributed":
-        return _choice(key, value, DISTRIBUTED_MODES)
-    if key == "methods":
+        text = value.strip()
+        builtin = (key == "model" and text == DEFAULT_MODEL) or (key == "data" and is_data_name(text))
+        return text if builtin else _absolute(kind, text)
+    if kind == "choice":
+        if value not in meta["choices"]:
+            raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(meta['choices'])}")
+        return value
+    if kind == "methods":
         return _methods(value)
-    if key == "ag_tol":
+    if kind == "positive":
         number = _number(key, value)
         if not number > 0:
-            raise UserError(f"ag_tol must be > 0, got {value}")
+            raise UserError(f"{key} must be > 0, got {value}")
         return number
-    minimum = 0 if key == "seed" else 1
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             value = int(str(value), 10)
         except ValueError:
             raise UserError(f"config key {key!r} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise UserError(f"{key} must be >= {minimum}, got {value}")
+    if value < meta["minimum"]:
+        raise UserError(f"{key} must be >= {meta['minimum']}, got {value}")
     return value
 
 
-def _absolute(key: str, value: str) -> str:
-    if (key == "data" and is_data_name(value)) or (key == "model" and value == DEFAULT_MODEL):
-        return value
+def _absolute(kind: str, value: str) -> str:
+    """A path made absolute; a hub name or a missing source as given."""
     path = Path(value).expanduser()
-    if key == "out" or path.exists():
+    if kind == "path" or path.exists():
         return str(path.resolve())
     return value  # a hub model name, or a missing path the loader reports
-
-
-def _choice(key: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(choices)}")
-    return value
 
 
 def _number(key: str, value: Any) -> float:

@@ -20,8 +20,9 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from jaxjoint.errors import UserError
-from jaxjoint.joints import Joint, default_block_rows, kl_terms, objective
+from jaxjoint.joints import Joint, objective
+from jaxjoint.joints.streaming import default_block_rows, kl_terms
 from jaxjoint.tables import PairTables
 
 METRICS = ("p_nll", "u_nll", "kl_gold", "kl_all")
@@ -29,7 +30,10 @@ def _kl(log_q: jax.Array, log_p: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("block_rows",))
-def _pair_metrics(tables: PairTables, joint: Joint, a0, b0, *, block_rows: int) -> dict[str, jax.Array]:
+def pair_metric_arrays(tables: PairTables, joint: Joint, a0: jax.Array, b0: jax.Array, *,
+                       block_rows: int) -> dict[str, jax.Array]:
+    """The jitted core of ``pair_metrics``: float32[] values keyed by ``METRICS``
+    for gold tokens int32[] ``a0``, ``b0``; traceable (no host transfer)."""
     v = tables.vocab_size
     log_qa = jax.nn.log_softmax(tables.logits_a[:, b0])[:v]  # qA(.|b0)
     log_qb = jax.nn.log_softmax(tables.logits_b[a0])  # qB(.|a0)
@@ -39,11 +43,11 @@ def _pair_metrics(tables: PairTables, joint: Joint, a0, b0, *, block_rows: int) 
         "p_nll": -0.5 * joint.log_prob(a0, b0),
         "u_nll": -0.5 * (log_pa[a0] + log_pb[b0]),
         "kl_gold": 0.5 * (_kl(log_qa, log_pa) + _kl(log_qb, log_pb)),
-        "kl_all": _objective(joint, block_rows) / (2 * v),
+        "kl_all": _j_of(joint, block_rows) / (2 * v),
     }
 
 
-def _objective(joint: Joint, block_rows: int) -> jax.Array:
+def _j_of(joint: Joint, block_rows: int) -> jax.Array:
     """J(p): AG computed it already (``joint.info``); other joints need two passes."""
     if "objective" in joint.info:
         return joint.info["objective"]
@@ -70,11 +74,11 @@ def pair_metrics(
       Python floats keyed by ``METRICS``; KL terms with q = 0 contribute 0.
     """
     if tables.logits_a.shape != joint.tables.logits_a.shape or tables.vocab_size != joint.vocab_size:
-        raise UserError("pair_metrics: the joint was derived from tables of another shape")
+        raise ValueError("pair_metrics: the joint was derived from tables of another shape")
     a0, b0 = _check_gold(gold, tables.vocab_size)
     if block_rows is None:
         block_rows = default_block_rows(tables, joint.mesh)
-    values = _pair_metrics(tables, joint, jnp.int32(a0), jnp.int32(b0), block_rows=block_rows)
+    values = pair_metric_arrays(tables, joint, jnp.int32(a0), jnp.int32(b0), block_rows=block_rows)
     return {key: float(values[key]) for key in METRICS}
 
 

@@ -1,27 +1,63 @@
-"""Device mesh and partition specs for the vocabulary axis.
+"""Device meshes and partition specs for the vocabulary axis: every choice of mesh is made here.
 
 Every V-sized batch of forward passes and every V x V table is split over one
 mesh axis, ``VOCAB_AXIS``. Parameters are replicated. JAX requires a sharded
 dimension to divide evenly, so the vocabulary axis is padded up to a multiple
 of the mesh size (``padded_size``) and the tail is masked by the consumer.
+
+Which devices a mesh spans:
+
+- ``make_mesh(devices)``: exactly the devices given (default: all local devices);
+- ``local_mesh(count)``: the first ``count`` devices of this process, the mesh of a
+  one-process run (``--devices``); ``local_mesh(1)`` is the library's default
+  when a caller passes no mesh;
+- ``global_mesh(per_process)``: the same number of devices from every process,
+  the mesh of ``--distributed global``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxjoint.errors import UserError
+
 VOCAB_AXIS = "vocab"
 
 
-def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh named ``VOCAB_AXIS`` over ``devices`` (default: all local devices)."""
     if devices is None:
         devices = jax.local_devices()
     return Mesh(np.asarray(devices), (VOCAB_AXIS,))
+
+
+def local_mesh(count: int | None = None) -> Mesh:
+    """A mesh over the first ``count`` local devices (all when None).
+
+    Raises ``UserError`` when this process has fewer than ``count`` devices.
+    """
+    available = jax.local_devices()
+    if count is not None and count > len(available):
+        raise UserError(f"asked for {count} devices; this host has {len(available)}")
+    return make_mesh(available if count is None else available[:count])
+
+
+def global_mesh(devices_per_process: int | None = None) -> Mesh:
+    """A mesh over the first ``devices_per_process`` devices of every process (all
+    when None; the smallest process bounds the count), the same on every process."""
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(device.process_index, []).append(device)
+    fewest = min(len(ds) for ds in by_process.values())
+    if devices_per_process is not None and devices_per_process > fewest:
+        raise UserError(f"asked for {devices_per_process} devices per process; the smallest process has {fewest}")
+    n = devices_per_process or fewest
+    return make_mesh([d for p in sorted(by_process) for d in by_process[p][:n]])
 
 
 def mesh_size(mesh: Mesh | None) -> int:

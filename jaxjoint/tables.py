@@ -14,7 +14,8 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.checkpoint import Params
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import MaskedLM, mlm_logits
-from jaxjoint.sharding import VOCAB_AXIS, make_mesh, mesh_size, padded_size, replicated, row_sharding
+from jaxjoint.sharding import VOCAB_AXIS, local_mesh, mesh_size, padded_size, replicated, row_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -261,7 +262,8 @@ def pair_tables(
 
     input_ids: int[L], the sentence with special tokens and gold tokens in place.
     a, b: distinct positions in ``[0, L)``.
-    mesh: a 1-D mesh over ``VOCAB_AXIS`` (``sharding.make_mesh()``); default one device.
+    mesh: a 1-D mesh over ``VOCAB_AXIS`` (``sharding.make_mesh()``); default one device
+      (``sharding.local_mesh(1)``).
     chunk_size: sequences per device per step; default from the device's memory.
     dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; default ``mlm.dtype``.
 
@@ -269,11 +271,11 @@ def pair_tables(
     and returns ``PairTables`` with rows padded to a multiple of the mesh size and
     sharded over it.
     """
-    return _dispatch(mlm, _prepare(mlm, input_ids, a, b), mesh=mesh, chunk_size=chunk_size, dtype=dtype)
+    return _dispatch(mlm, _pad_to_bucket(mlm, input_ids, a, b), mesh=mesh, chunk_size=chunk_size, dtype=dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class _Prepared:
+class _Padded:
     """One sentence padded to its bucket, as host arrays ready to send."""
 
     input_ids: np.ndarray  # int32[Lb]
@@ -282,10 +284,10 @@ class _Prepared:
     b: int
 
 
-def _prepare(mlm: MaskedLM, input_ids: Any, a: int, b: int) -> _Prepared:
+def _pad_to_bucket(mlm: MaskedLM, input_ids: Any, a: int, b: int) -> _Padded:
     ids = np.asarray(input_ids, dtype=np.int32)
     if ids.ndim != 1:
-        raise UserError(f"input_ids must be one sentence, int[L]; got shape {ids.shape}")
+        raise ValueError(f"input_ids must be one sentence, int[L]; got shape {ids.shape}")
     length = ids.shape[0]
     a, b = int(a), int(b)
     if a == b or not (0 <= a < length and 0 <= b < length):
@@ -296,13 +298,13 @@ def _prepare(mlm: MaskedLM, input_ids: Any, a: int, b: int) -> _Prepared:
     padded = np.full(bucket, mlm.config.pad_token_id, np.int32)
     padded[:length] = ids
     mask = (np.arange(bucket) < length).astype(np.int32)
-    return _Prepared(padded, mask, a, b)
+    return _Padded(padded, mask, a, b)
 
 
-def _dispatch(mlm: MaskedLM, prep: _Prepared, *, mesh: Mesh | None, chunk_size: int | None,
+def _dispatch(mlm: MaskedLM, prep: _Padded, *, mesh: Mesh | None, chunk_size: int | None,
               dtype: str | None) -> PairTables:
     """Queue the device work for one prepared sentence; returns without waiting."""
-    mesh = make_mesh(jax.local_devices()[:1]) if mesh is None else mesh
+    mesh = local_mesh(1) if mesh is None else mesh
     model = mlm if dtype is None else mlm.with_dtype(dtype)
     vocab = mlm.vocab_size
     rows = padded_size(vocab, mesh)
@@ -349,7 +351,7 @@ def iter_pair_tables(
     """
     queue: collections.deque[PairTables] = collections.deque()
     for input_ids, a, b in pairs:
-        queue.append(_dispatch(mlm, _prepare(mlm, input_ids, a, b), mesh=mesh,
+        queue.append(_dispatch(mlm, _pad_to_bucket(mlm, input_ids, a, b), mesh=mesh,
                                chunk_size=chunk_size, dtype=dtype))
         if len(queue) > prefetch:
             yield queue.popleft()

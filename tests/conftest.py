@@ -1,11 +1,16 @@
-"""Test session setup: eight CPU devices, float64 references available.
+"""Test session setup (eight CPU devices, no network) and the fixtures tests share.
 
 XLA reads the device-count flag once, when the backend starts, so it is set
 here before anything imports jax. Tests that want one device pass
 ``mesh=None`` or ``make_mesh(jax.devices()[:1])``.
+
+Tiers: ``pytest -m "not slow"`` is the fast tier (under 3 minutes on 2 cores);
+``slow`` marks the multi-process, subprocess, benchmark and converged-AG tests.
 """
 
 import os
+
+import pytest
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -13,3 +18,12 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def sharp_ckpt(tmp_path_factory):
+    """A tiny BERT checkpoint (V = 53) with peaked conditionals, so the joint methods
+    differ measurably: the model of the end-to-end, CLI and multi-process tests."""
+    from tests.hf_fixtures import sharp_checkpoint
+
+    return sharp_checkpoint(tmp_path_factory.mktemp("sharp_ckpt"))

@@ -8,19 +8,7 @@ import numpy as np
 import torch
 import transformers
 
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = (
-    "the a cat dog sat on mat and ran to park man woman saw bird tree house red blue "
-    "big small is was in of with by it he she they we eat ate food water over under "
-    "quick brown fox jumps lazy day night"
-).split()
-
-
-def vocabulary(size: int) -> list[str]:
-    """``size`` WordPiece entries: the specials, words, then filler sub-words."""
-    tokens = SPECIALS + WORDS
-    tokens += [f"##x{i}" for i in range(size - len(tokens))]
-    return tokens[:size]
+from tests.words import vocabulary
 
 
 def hf_config(family: str, vocab_size: int = 53, hidden: int = 32, layers: int = 2,
@@ -89,3 +77,8 @@ def torch_logits(model, input_ids: np.ndarray, attention_mask: np.ndarray | None
     mask = None if attention_mask is None else torch.as_tensor(np.asarray(attention_mask), dtype=torch.long)
     with torch.no_grad():
         return model(input_ids=ids, attention_mask=mask).logits.float().numpy()
+
+
+def sharp_checkpoint(directory: Path, seed: int = 0, vocab_size: int = 53) -> Path:
+    """A tiny BERT checkpoint with peaked conditionals, so the joint methods differ measurably."""
+    return make_checkpoint(directory, "bert", seed=seed, vocab_size=vocab_size, head_gain=8.0)

@@ -9,10 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("mlm", "mrf", "mrf_logit", "hcb", "ag")
 
 
+@pytest.mark.slow
 def test_end_to_end_json_has_every_field(tmp_path):
     out = tmp_path / "e2e.json"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")

@@ -13,22 +13,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import jaxjoint.evaluate as evaluate_mod
-from jaxjoint import UserError, load_mlm
-from jaxjoint import cli
+from jaxjoint import UserError, cli, load_mlm, scoring
 from jaxjoint.cli import build_parser, main
 from jaxjoint.config import KEYS, read_config_file, resolve_config
-from jaxjoint.evaluate import explain_pair
-from tests.hf_fixtures import WORDS
-from tests.test_evaluate import sharp_checkpoint
+from jaxjoint.explain import explain_pair
+from tests.words import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "jaxjoint.cli"]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return sharp_checkpoint(tmp_path_factory.mktemp("cli_ckpt"), seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +32,8 @@ def sentences(tmp_path_factory):
     return path
 
 
-def run_args(ckpt, data, out, *extra):
-    return ["evaluate", "--model", str(ckpt), "--data", str(data), "--out", str(out), "--devices", "1",
+def run_args(sharp_ckpt, data, out, *extra):
+    return ["evaluate", "--model", str(sharp_ckpt), "--data", str(data), "--out", str(out), "--devices", "1",
             "--quiet", *extra]
 
 
@@ -53,14 +45,15 @@ ERROR_CASES = {
     "hub model with no network": (["--model", "bert-base-cased"], r"cannot fetch 'bert-base-cased' .*offline"),
     "empty data file": (["--data", "{tmp}/empty.txt"], r"holds no sentences"),
     "unknown method": (["--methods", "mlm,foo"], r"unknown method 'foo'; choose from mlm, mrf, mrf_logit, hcb, ag"),
-    "unknown config key": (["--config", "{tmp}/bad.yaml"], r"unknown config key 'maskng' in .*; valid keys: model, data"),
+    "unknown config key": (["--config", "{tmp}/bad.yaml"],
+                           r"unknown config key 'maskng' in .*; valid keys: model, data"),
     "max sentences 0": (["--max-sentences", "0"], r"max_sentences must be >= 1, got 0"),
     "out under a file": (["--out", "{tmp}/empty.txt/run"], r"--out .*empty.txt/run is under .*empty.txt, a file"),
 }
 
 
 @pytest.fixture(scope="module")
-def error_runs(ckpt, sentences, tmp_path_factory):
+def error_runs(sharp_ckpt, sentences, tmp_path_factory):
     """All error cases, run concurrently as real processes: {case: (returncode, stdout, stderr, out)}."""
     tmp = tmp_path_factory.mktemp("errors")
     (tmp / "empty.txt").write_text("\n\n")
@@ -68,12 +61,13 @@ def error_runs(ckpt, sentences, tmp_path_factory):
     procs = {}
     for i, (case, (extra, _)) in enumerate(ERROR_CASES.items()):
         out = tmp / f"out{i}"
-        args = [*run_args(ckpt, sentences, out), *(a.replace("{tmp}", str(tmp)) for a in extra)]
+        args = [*run_args(sharp_ckpt, sentences, out), *(a.replace("{tmp}", str(tmp)) for a in extra)]
         procs[case] = (subprocess.Popen([*CLI, *args], cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}), out)
     return {case: (p.wait(timeout=240), p.stdout.read(), p.stderr.read(), out) for case, (p, out) in procs.items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(ERROR_CASES))
 def test_bad_input_is_one_line_and_writes_nothing(error_runs, case):
     code, stdout, stderr, out = error_runs[case]
@@ -86,11 +80,12 @@ def test_bad_input_is_one_line_and_writes_nothing(error_runs, case):
 
 @pytest.mark.parametrize("extra,message", [
     (["--data", "snli"], r"cannot load 'snli' \(stanfordnlp/snli\) with datasets"),
-    (["--max-sentences", "ten"], r"argument --max-sentences: invalid int value: 'ten' \(see jaxjoint evaluate --help\)"),
+    (["--max-sentences", "ten"],
+     r"argument --max-sentences: invalid int value: 'ten' \(see jaxjoint evaluate --help\)"),
     (["--devices", "99"], r"asked for 99 devices; this host has 8"),
 ])
-def test_more_bad_input(ckpt, sentences, tmp_path, capsys, extra, message):
-    assert main([*run_args(ckpt, sentences, tmp_path / "out"), *extra]) == 2
+def test_more_bad_input(sharp_ckpt, sentences, tmp_path, capsys, extra, message):
+    assert main([*run_args(sharp_ckpt, sentences, tmp_path / "out"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and re.search(message, err), err
     assert not (tmp_path / "out").exists()
@@ -99,8 +94,8 @@ def test_more_bad_input(ckpt, sentences, tmp_path, capsys, extra, message):
 # --- resume after a kill ------------------------------------------------------------------------
 
 
-def test_interrupt_exits_130_and_says_how_to_resume(ckpt, sentences, tmp_path, monkeypatch, capsys):
-    real = evaluate_mod.score_tables
+def test_interrupt_exits_130_and_says_how_to_resume(sharp_ckpt, sentences, tmp_path, monkeypatch, capsys):
+    real = scoring.score_tables
     calls = []
 
     def interrupt_at_third(*args, **kwargs):
@@ -109,20 +104,21 @@ def test_interrupt_exits_130_and_says_how_to_resume(ckpt, sentences, tmp_path, m
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_mod, "score_tables", interrupt_at_third)
-    args = run_args(ckpt, sentences, tmp_path / "run", "--methods", "mlm", "--max-sentences", "5")
+    monkeypatch.setattr(scoring, "score_tables", interrupt_at_third)
+    args = run_args(sharp_ckpt, sentences, tmp_path / "run", "--methods", "mlm", "--max-sentences", "5")
     assert main(args) == 130
     err = capsys.readouterr().err
     assert "2 finished pairs are saved" in err and "run the same command again to resume" in err
-    monkeypatch.setattr(evaluate_mod, "score_tables", real)
+    monkeypatch.setattr(scoring, "score_tables", real)
     # The stored config.yaml is itself a config file that resumes the run.
     assert main(["evaluate", "--config", str(tmp_path / "run" / "config.yaml"), "--quiet"]) == 0
     assert len((tmp_path / "run" / "pairs.jsonl").read_text().splitlines()) == 5
 
 
-def test_killed_run_resumes_without_repeating_or_losing_a_pair(ckpt, sentences, tmp_path):
+@pytest.mark.slow
+def test_killed_run_resumes_without_repeating_or_losing_a_pair(sharp_ckpt, sentences, tmp_path):
     out = tmp_path / "killed"
-    args = run_args(ckpt, sentences, out, "--methods", "mlm")
+    args = run_args(sharp_ckpt, sentences, out, "--methods", "mlm")
     proc = subprocess.Popen([*CLI, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
     pairs = out / "pairs.jsonl"
@@ -138,7 +134,7 @@ def test_killed_run_resumes_without_repeating_or_losing_a_pair(ckpt, sentences, 
     assert 2 <= done_before < 90  # killed mid-way
 
     assert main(args) == 0  # resumed in this process
-    assert main(run_args(ckpt, sentences, tmp_path / "whole", "--methods", "mlm")) == 0
+    assert main(run_args(sharp_ckpt, sentences, tmp_path / "whole", "--methods", "mlm")) == 0
     resumed = [json.loads(line) for line in pairs.read_text().splitlines()]
     whole = [json.loads(line) for line in (tmp_path / "whole" / "pairs.jsonl").read_text().splitlines()]
     assert len({r["index"] for r in resumed}) == len(resumed)
@@ -148,8 +144,8 @@ def test_killed_run_resumes_without_repeating_or_losing_a_pair(ckpt, sentences, 
         (tmp_path / "whole" / "summary.json").read_text())["methods"]
 
 
-def test_progress_bar_and_table(ckpt, sentences, tmp_path, capsys):
-    args = run_args(ckpt, sentences, tmp_path / "run", "--methods", "mlm", "--max-sentences", "3")
+def test_progress_bar_and_table(sharp_ckpt, sentences, tmp_path, capsys):
+    args = run_args(sharp_ckpt, sentences, tmp_path / "run", "--methods", "mlm", "--max-sentences", "3")
     args.remove("--quiet")
     assert main(args) == 0
     captured = capsys.readouterr()
@@ -160,9 +156,9 @@ def test_progress_bar_and_table(ckpt, sentences, tmp_path, capsys):
 # --- configs --------------------------------------------------------------------------------------
 
 
-def test_command_line_overrides_config_file(ckpt, sentences, tmp_path):
+def test_command_line_overrides_config_file(sharp_ckpt, sentences, tmp_path):
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"model": str(ckpt), "data": str(sentences), "masking": "contiguous",
+    config.write_text(yaml.safe_dump({"model": str(sharp_ckpt), "data": str(sentences), "masking": "contiguous",
                                       "max_sentences": 2, "methods": ["mlm"], "out": str(tmp_path / "a")}))
     assert main(["evaluate", "--config", str(config), "--masking", "random", "--out", str(tmp_path / "b"),
                  "--devices", "1", "--quiet"]) == 0
@@ -212,7 +208,7 @@ def test_value_forms():
     for args, message in ((["--ag-tol", "1e-6", "--ag-iters", "2000"], "with --ag-tol give the cap as --ag-max-iters"),
                           (["--ag-max-iters", "50"], "--ag-max-iters caps AG under --ag-tol")):
         with pytest.raises(UserError, match=message):
-            cli._resolve(build_parser().parse_args(["evaluate", *args]))
+            cli._config(build_parser().parse_args(["evaluate", *args]))
     assert resolve_config({}).ag_options() == {"iters": 40}
 
 
@@ -239,25 +235,25 @@ def test_train_mlm_is_a_subcommand():
 # --- pair, plot -------------------------------------------------------------------------------------
 
 
-def test_pair_with_positions(ckpt, capsys):
-    assert main(["pair", "the cat sat on the mat", "--positions", "2", "5", "--model", str(ckpt),
+def test_pair_with_positions(sharp_ckpt, capsys):
+    assert main(["pair", "the cat sat on the mat", "--positions", "2", "5", "--model", str(sharp_ckpt),
                  "--top-k", "3", "--devices", "1"]) == 0
     out = capsys.readouterr().out
     assert "A = 2 (gold 'cat'), B = 5 (gold 'the')" in out
-    mlm = load_mlm(ckpt)
+    mlm = load_mlm(sharp_ckpt)
     ids = mlm.tokenizer("the cat sat on the mat")["input_ids"]
     result = explain_pair(mlm, ids, 2, 5, methods=("mlm", "mrf", "mrf_logit", "hcb", "ag"), top_k=3,
                           gold=(ids[2], ids[5]))
     tokens = mlm.tokenizer.convert_ids_to_tokens
-    for method, top in result["top"].items():
+    for top in result["top"].values():
         a, b, p = top[0]
         assert f"{tokens(a)} {tokens(b)}  {p:.4f}" in out
     assert re.search(rf"\nAG +{result['metrics']['ag']['p_nll']:.4f} ", out)
     assert "MLM conditionals" in out and "kl_all" in out
 
 
-def test_pair_with_masks(ckpt, capsys):
-    assert main(["pair", "the [MASK] sat on the [MASK]", "--model", str(ckpt), "--methods", "mrf,ag",
+def test_pair_with_masks(sharp_ckpt, capsys):
+    assert main(["pair", "the [MASK] sat on the [MASK]", "--model", str(sharp_ckpt), "--methods", "mrf,ag",
                  "--top-k", "2", "--devices", "1"]) == 0
     out = capsys.readouterr().out
     assert "A = 2, B = 6 (masked: no gold tokens)" in out and "MRF" in out and "kl_all" not in out
@@ -270,14 +266,14 @@ def test_pair_with_masks(ckpt, capsys):
     (["the cat sat", "--positions", "1", "1"], "must differ"),
     (["the cat sat", "--top-k", "0"], "--top-k must be >= 1"),
 ])
-def test_pair_errors(ckpt, capsys, args, message):
-    assert main(["pair", *args, "--model", str(ckpt)]) == 2
+def test_pair_errors(sharp_ckpt, capsys, args, message):
+    assert main(["pair", *args, "--model", str(sharp_ckpt)]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err) and err.count("\n") == 1
 
 
-def test_plot_command(ckpt, sentences, tmp_path, capsys):
-    assert main(run_args(ckpt, sentences, tmp_path / "run", "--methods", "mlm", "--max-sentences", "4")) == 0
+def test_plot_command(sharp_ckpt, sentences, tmp_path, capsys):
+    assert main(run_args(sharp_ckpt, sentences, tmp_path / "run", "--methods", "mlm", "--max-sentences", "4")) == 0
     capsys.readouterr()
     assert main(["plot", str(tmp_path / "run")]) == 0
     png = Path(capsys.readouterr().out.strip())

@@ -20,16 +20,16 @@ from pathlib import Path
 import pytest
 
 from jaxjoint.cli import main
-from tests.hf_fixtures import WORDS
-from tests.test_evaluate import sharp_checkpoint
+from tests.words import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "jaxjoint.cli"]
 WAIT_S = 300  # bound on any one run, so that a hang fails the test instead of stalling CI
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, sharp_ckpt):
     """(checkpoint, data file, environment of the child processes)."""
     tmp = tmp_path_factory.mktemp("distributed")
     rng = random.Random(1)
@@ -45,7 +45,7 @@ def setup(tmp_path_factory):
         "JAX_COMPILATION_CACHE_DIR": str(tmp / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
-    return sharp_checkpoint(tmp / "ckpt", seed=2), data, env
+    return sharp_ckpt, data, env
 
 
 def evaluate_args(setup, out, *extra):
@@ -173,10 +173,10 @@ def close(got: float, want: float) -> bool:
 FAILING_CLI = """
 import os, sys
 import jax
-import jaxjoint.evaluate
+import jaxjoint.scoring
 from jaxjoint.cli import main
 
-score_tables, calls = jaxjoint.evaluate.score_tables, []
+score_tables, calls = jaxjoint.scoring.score_tables, []
 
 def failing(*args, **kwargs):
     calls.append(1)
@@ -184,7 +184,7 @@ def failing(*args, **kwargs):
         raise RuntimeError("injected failure")
     return score_tables(*args, **kwargs)
 
-jaxjoint.evaluate.score_tables = failing
+jaxjoint.scoring.score_tables = failing
 sys.exit(main(sys.argv[1:]))
 """
 

@@ -8,17 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 import yaml
 
-import jaxjoint.evaluate as evaluate_mod
-from jaxjoint import UserError, load_mlm
+from jaxjoint import UserError, load_mlm, scoring
 from jaxjoint.config import resolve_config
-from jaxjoint.evaluate import evaluate, explain_pair, top_pairs
+from jaxjoint.explain import explain_pair, top_pairs
 from jaxjoint.joints import METHODS, derive_joint
-from jaxjoint.plot import nll_by_distance, plot_run
+from jaxjoint.run import evaluate
+from jaxjoint.run.plot import nll_by_distance, plot_run
 from jaxjoint.tables import pair_tables
-from tests.hf_fixtures import make_checkpoint, torch_model, vocabulary
+from tests.hf_fixtures import torch_model
 
 V = 53
 SENTENCES = [
@@ -33,16 +32,6 @@ SENTENCES = [
 ]
 
 
-def sharp_checkpoint(directory: Path, seed: int = 0) -> Path:
-    """A tiny BERT checkpoint with peaked conditionals, so the methods differ measurably."""
-    return make_checkpoint(directory, "bert", seed=seed, vocab_size=V, head_gain=8.0)
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return sharp_checkpoint(tmp_path_factory.mktemp("sharp"))
-
-
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "sentences.txt"
@@ -51,12 +40,12 @@ def data_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def torch_double(ckpt):
-    return torch_model(ckpt).double()
+def torch_double(sharp_ckpt):
+    return torch_model(sharp_ckpt).double()
 
 
-def run_config(ckpt, data_file, out, **overrides):
-    values = {"model": str(ckpt), "data": str(data_file), "out": str(out), "devices": 1}
+def run_config(sharp_ckpt, data_file, out, **overrides):
+    values = {"model": str(sharp_ckpt), "data": str(data_file), "out": str(out), "devices": 1}
     return resolve_config({**values, **overrides})
 
 
@@ -177,16 +166,16 @@ def read_lines(out):
 
 
 @pytest.fixture(scope="module")
-def full_run(ckpt, data_file, tmp_path_factory):
+def full_run(sharp_ckpt, data_file, tmp_path_factory):
     """One uninterrupted run with every method: the reference for the resume tests."""
     out = tmp_path_factory.mktemp("full") / "run"
-    summary = evaluate(run_config(ckpt, data_file, out), quiet=True)
+    summary = evaluate(run_config(sharp_ckpt, data_file, out), quiet=True)
     return out, summary
 
 
-def test_every_number_matches_float64_pytorch_reference(full_run, torch_double, ckpt):
+def test_every_number_matches_float64_pytorch_reference(full_run, torch_double, sharp_ckpt):
     out, summary = full_run
-    mask_id = load_mlm(ckpt).mask_token_id
+    mask_id = load_mlm(sharp_ckpt).mask_token_id
     records = [json.loads(line) for line in read_lines(out)]
     assert [r["index"] for r in records] == [0, 1, 3, 4, 5, 6, 7]
     refs = []
@@ -203,7 +192,7 @@ def test_every_number_matches_float64_pytorch_reference(full_run, torch_double, 
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["config"]["methods"] == list(METHODS) and summary["config"]["out"] == str(out)
     for method in METHODS:
-        mean = lambda key: np.mean([ref["metrics"][method][key] for ref in refs])  # noqa: E731
+        mean = lambda key: np.mean([ref["metrics"][method][key] for ref in refs])  # noqa: B023 - used in this loop
         got = summary["methods"][method]
         assert math.isclose(got["p_ppl"], math.exp(mean("p_nll")), rel_tol=1e-4)
         assert math.isclose(got["u_ppl"], math.exp(mean("u_nll")), rel_tol=1e-4)
@@ -223,13 +212,13 @@ def test_every_number_matches_float64_pytorch_reference(full_run, torch_double, 
     assert float(csv_rows[1].split(",")[2]) == summary["methods"]["mlm"]["p_ppl"]
 
 
-def test_contiguous_masking_and_ag_to_tolerance(ckpt, data_file, tmp_path, torch_double, capsys):
-    config = run_config(ckpt, data_file, tmp_path / "run", masking="contiguous", methods="hcb,ag",
+def test_contiguous_masking_and_ag_to_tolerance(sharp_ckpt, data_file, tmp_path, torch_double, capsys):
+    config = run_config(sharp_ckpt, data_file, tmp_path / "run", masking="contiguous", methods="hcb,ag",
                         ag_tol=1e-3, max_sentences=4)
     assert config.ag_options() == {"tol": 1e-3, "max_iters": 10_000}
     summary = evaluate(config)
     assert "| HCB |" in capsys.readouterr().out  # the table goes to stdout
-    mask_id = load_mlm(ckpt).mask_token_id
+    mask_id = load_mlm(sharp_ckpt).mask_token_id
     records = [json.loads(line) for line in read_lines(tmp_path / "run")]
     assert [r["index"] for r in records] == [0, 1, 3] and summary["n_skipped"] == 1
     for r in records:
@@ -240,9 +229,9 @@ def test_contiguous_masking_and_ag_to_tolerance(ckpt, data_file, tmp_path, torch
         assert_matches_reference(r, reference_record(torch_double, r, mask_id, ag_iters=ag["iters"]), ("hcb", "ag"))
 
 
-def test_sharded_run_matches_one_device(ckpt, data_file, tmp_path, full_run):
+def test_sharded_run_matches_one_device(sharp_ckpt, data_file, tmp_path, full_run):
     # AG is the method with collectives in its loop; V = 53 pads to 54 rows on 3 devices.
-    evaluate(run_config(ckpt, data_file, tmp_path / "run", devices=3, methods="ag", max_sentences=4),
+    evaluate(run_config(sharp_ckpt, data_file, tmp_path / "run", devices=3, methods="ag", max_sentences=4),
              quiet=True)
     full = {json.loads(line)["index"]: json.loads(line) for line in read_lines(full_run[0])}
     for line in read_lines(tmp_path / "run"):
@@ -254,9 +243,9 @@ def test_sharded_run_matches_one_device(ckpt, data_file, tmp_path, full_run):
 # --- resume -----------------------------------------------------------------------------------
 
 
-def test_interrupted_run_resumes_to_the_same_lines(ckpt, data_file, tmp_path, full_run, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_lines(sharp_ckpt, data_file, tmp_path, full_run, monkeypatch):
     out = tmp_path / "run"
-    real = evaluate_mod.score_tables
+    real = scoring.score_tables
     calls = []
 
     def interrupt_at_fourth(*args, **kwargs):
@@ -265,17 +254,17 @@ def test_interrupted_run_resumes_to_the_same_lines(ckpt, data_file, tmp_path, fu
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(evaluate_mod, "score_tables", interrupt_at_fourth)
+    monkeypatch.setattr(scoring, "score_tables", interrupt_at_fourth)
     with pytest.raises(KeyboardInterrupt):
-        evaluate(run_config(ckpt, data_file, out), quiet=True)
+        evaluate(run_config(sharp_ckpt, data_file, out), quiet=True)
     assert len(read_lines(out)) == 3 and not (out / "summary.json").exists()
-    monkeypatch.setattr(evaluate_mod, "score_tables", real)
-    evaluate(run_config(ckpt, data_file, out), quiet=True)
+    monkeypatch.setattr(scoring, "score_tables", real)
+    evaluate(run_config(sharp_ckpt, data_file, out), quiet=True)
     assert read_lines(out) == read_lines(full_run[0])
     assert json.loads((out / "summary.json").read_text())["methods"] == full_run[1]["methods"]
 
 
-def test_torn_last_line_is_recomputed(ckpt, data_file, tmp_path, full_run):
+def test_torn_last_line_is_recomputed(sharp_ckpt, data_file, tmp_path, full_run):
     out = tmp_path / "run"
     out.mkdir()
     shutil.copy(full_run[0] / "config.yaml", out / "config.yaml")
@@ -283,27 +272,27 @@ def test_torn_last_line_is_recomputed(ckpt, data_file, tmp_path, full_run):
     lines = text.splitlines(keepends=True)
     (out / "pairs.jsonl").write_text("".join(lines[:2]) + lines[2][:40])  # killed mid-write
     # Sentences 0-2 (2 is skipped): the torn line, sentence 3's, is dropped.
-    evaluate(run_config(ckpt, data_file, out, max_sentences=3), quiet=True)
+    evaluate(run_config(sharp_ckpt, data_file, out, max_sentences=3), quiet=True)
     assert (out / "pairs.jsonl").read_text() == "".join(lines[:2])
-    evaluate(run_config(ckpt, data_file, out), quiet=True)  # extending max_sentences continues
+    evaluate(run_config(sharp_ckpt, data_file, out), quiet=True)  # extending max_sentences continues
     assert (out / "pairs.jsonl").read_text() == text
 
 
-def test_other_config_for_existing_out_is_refused(ckpt, data_file, full_run):
+def test_other_config_for_existing_out_is_refused(sharp_ckpt, data_file, full_run):
     out = full_run[0]
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(UserError, match="masking: 'random' there, 'contiguous' now"):
-        evaluate(run_config(ckpt, data_file, out, masking="contiguous"), quiet=True)
+        evaluate(run_config(sharp_ckpt, data_file, out, masking="contiguous"), quiet=True)
     with pytest.raises(UserError, match="methods"):
-        evaluate(run_config(ckpt, data_file, out, methods="mlm"), quiet=True)
+        evaluate(run_config(sharp_ckpt, data_file, out, methods="mlm"), quiet=True)
     with pytest.raises(UserError, match=r"ag: \{'iters': 40\} there, \{'iters': 5\} now"):
-        evaluate(run_config(ckpt, data_file, out, ag_iters=5), quiet=True)
+        evaluate(run_config(sharp_ckpt, data_file, out, ag_iters=5), quiet=True)
     with pytest.raises(UserError, match=r"ag: \{'iters': 40\} there, \{'tol': 0.001, 'max_iters': 10000\} now"):
-        evaluate(run_config(ckpt, data_file, out, ag_tol=1e-3), quiet=True)
+        evaluate(run_config(sharp_ckpt, data_file, out, ag_tol=1e-3), quiet=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
-def test_settings_that_do_not_change_the_records_may_change(full_run, ckpt, data_file, tmp_path):
+def test_settings_that_do_not_change_the_records_may_change(full_run, sharp_ckpt, data_file, tmp_path):
     """A cap that a fixed count never reaches, in a config.yaml written before the
     key existed or with another value now, does not block a resume."""
     out = tmp_path / "run"
@@ -312,43 +301,43 @@ def test_settings_that_do_not_change_the_records_may_change(full_run, ckpt, data
     del stored["ag_max_iters"]
     (out / "config.yaml").write_text(yaml.safe_dump(stored))
     lines = read_lines(out)
-    summary = evaluate(run_config(ckpt, data_file, out, ag_max_iters=7), quiet=True)
+    summary = evaluate(run_config(sharp_ckpt, data_file, out, ag_max_iters=7), quiet=True)
     assert summary["methods"] == full_run[1]["methods"] and summary["config"]["ag_max_iters"] == 7
     assert read_lines(out) == lines
 
 
-def test_foreign_or_finished_out_dirs(ckpt, data_file, tmp_path, full_run):
+def test_foreign_or_finished_out_dirs(sharp_ckpt, data_file, tmp_path, full_run):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "pairs.jsonl").write_text("{}\n")
     with pytest.raises(UserError, match="no config.yaml"):
-        evaluate(run_config(ckpt, data_file, foreign), quiet=True)
+        evaluate(run_config(sharp_ckpt, data_file, foreign), quiet=True)
     assert (foreign / "pairs.jsonl").read_text() == "{}\n"
     shutil.copy(full_run[0] / "config.yaml", foreign / "config.yaml")
     with pytest.raises(UserError, match=r"pairs.jsonl:1 is not a jaxjoint pair record"):
-        evaluate(run_config(ckpt, data_file, foreign), quiet=True)
+        evaluate(run_config(sharp_ckpt, data_file, foreign), quiet=True)
     assert (foreign / "pairs.jsonl").read_text() == "{}\n"
     # A finished run run again recomputes nothing and rewrites the same summary.
     out = tmp_path / "again"
     shutil.copytree(full_run[0], out)
-    again = evaluate(run_config(ckpt, data_file, out), quiet=True)
+    again = evaluate(run_config(sharp_ckpt, data_file, out), quiet=True)
     assert read_lines(out) == read_lines(full_run[0])
     assert again["methods"] == full_run[1]["methods"]
 
 
-def test_no_pair_at_all_writes_nothing(ckpt, tmp_path):
+def test_no_pair_at_all_writes_nothing(sharp_ckpt, tmp_path):
     data = tmp_path / "short.txt"
     data.write_text("it\nthe\n")
     with pytest.raises(UserError, match="none of the 2 sentences"):
-        evaluate(run_config(ckpt, data, tmp_path / "run"), quiet=True)
+        evaluate(run_config(sharp_ckpt, data, tmp_path / "run"), quiet=True)
     assert not (tmp_path / "run").exists()
 
 
 # --- pair command core, plot ---------------------------------------------------------------------
 
 
-def test_top_pairs_match_the_dense_joint(ckpt):
-    mlm = load_mlm(ckpt)
+def test_top_pairs_match_the_dense_joint(sharp_ckpt):
+    mlm = load_mlm(sharp_ckpt)
     ids = np.array([2, 5, 7, 9, 10, 5, 11, 3])
     tables = pair_tables(mlm, ids, 2, 6)
     for method in METHODS:

@@ -1,138 +1,31 @@
-"""Joint constructions against dense float64 NumPy references of DESIGN.md §1.
-
-The references here are written straight from the formulas: dense V x V, log space
-(so that peaked tables have finite references too), and AG materialising the joint
-every iteration. ``tests/test_metrics.py`` reuses them.
-"""
+"""Joint constructions against the dense float64 NumPy references of DESIGN.md §1 (``references``)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import optax
 import pytest
-from scipy.special import log_softmax, logsumexp
+from jax import lax
+from scipy.special import logsumexp
 
-from jaxjoint import joints
 from jaxjoint.errors import UserError
-from jaxjoint.joints import METHODS, derive_joint, objective
+from jaxjoint.joints import METHODS, ag, cells, derive_joint, objective, streaming
 from jaxjoint.sharding import make_mesh, padded_size, replicated, row_sharding
-from jaxjoint.tables import PairTables, tables_from_logits
-
-SIZES = (7, 33, 100)
-# Peaked tables: logits of size ~200-600, probabilities far below float32's range.
-SCALES = (1.0, 200.0)
-
-
-# --- float64 references ------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Raw:
-    """Unpadded logits, float32 as the tables hold them: fA, fB [V, V]; mA, mB [V]."""
-
-    fa: np.ndarray
-    fb: np.ndarray
-    ma: np.ndarray
-    mb: np.ndarray
-
-    def tables(self, padded_vocab_size: int | None = None) -> PairTables:
-        return tables_from_logits(self.fa, self.fb, self.ma, self.mb, padded_vocab_size=padded_vocab_size)
-
-    def log_q(self) -> tuple[np.ndarray, np.ndarray]:
-        """float64 log qA(a|b), log qB(b|a), both indexed [a, b]."""
-        return log_softmax(self.fa.astype(np.float64), axis=0), log_softmax(self.fb.astype(np.float64), axis=1)
-
-
-def random_raw(v: int, scale: float = 1.0, seed: int = 0) -> Raw:
-    rng = np.random.default_rng(seed)
-    draw = lambda *shape: (scale * rng.normal(size=shape)).astype(np.float32)
-    return Raw(draw(v, v), draw(v, v), draw(v), draw(v))
-
-
-def raw_from_joint(log_p: np.ndarray, seed: int = 0) -> Raw:
-    """Compatible conditionals: qA = p(a,b)/p(b), qB = p(a,b)/p(a) (softmax of log p)."""
-    rng = np.random.default_rng(seed)
-    v = log_p.shape[0]
-    f = log_p.astype(np.float32)
-    return Raw(f, f.copy(), rng.normal(size=v).astype(np.float32), rng.normal(size=v).astype(np.float32))
-
-
-def normalise(x: np.ndarray) -> np.ndarray:
-    return x - logsumexp(x)
-
-
-def ref_ag_iterates(raw: Raw, iters: int) -> list[np.ndarray]:
-    """log p_1 .. log p_iters of AG from the uniform joint, each materialised."""
-    lqa, lqb = raw.log_q()
-    v = lqa.shape[0]
-    log_p = np.full((v, v), -2 * np.log(v))
-    out = []
-    for _ in range(iters):
-        lpa, lpb = logsumexp(log_p, axis=1), logsumexp(log_p, axis=0)
-        # (qA + qB) / (1/pA + 1/pB)
-        log_p = normalise(np.logaddexp(lqa, lqb) - np.logaddexp(-lpa[:, None], -lpb[None, :]))
-        out.append(log_p)
-    return out
-
-
-def ref_joint(raw: Raw, method: str, iters: int = 40, pivot: int | None = None) -> np.ndarray:
-    """float64 log p(a, b) [V, V] of DESIGN.md §1."""
-    lqa, lqb = raw.log_q()
-    if method == "mlm":
-        return log_softmax(raw.ma.astype(np.float64))[:, None] + log_softmax(raw.mb.astype(np.float64))[None, :]
-    if method == "mrf":
-        return normalise(lqa + lqb)
-    if method == "mrf_logit":
-        return normalise(raw.fa.astype(np.float64) + raw.fb)
-    if method == "hcb":
-        s = int(np.argmax(raw.ma)) if pivot is None else pivot
-        return normalise(lqa - lqa[s][None, :] + lqb[s][None, :])
-    if method == "ag":
-        return ref_ag_iterates(raw, iters)[-1]
-    raise ValueError(method)
-
-
-def ref_kl(log_q: np.ndarray, log_p: np.ndarray, axis: int) -> np.ndarray:
-    """KL(q || p) along ``axis``; q = 0 terms are 0."""
-    q = np.exp(log_q)
-    return np.where(q > 0, q * (log_q - np.where(q > 0, log_p, 0.0)), 0.0).sum(axis=axis)
-
-
-def ref_objective(raw: Raw, log_p: np.ndarray) -> float:
-    """J(p) = sum_b KL(qA(.|b) || p(.|b)) + sum_a KL(qB(.|a) || p(.|a))."""
-    lqa, lqb = raw.log_q()
-    p_a_given_b = log_p - logsumexp(log_p, axis=0, keepdims=True)
-    p_b_given_a = log_p - logsumexp(log_p, axis=1, keepdims=True)
-    return float(ref_kl(lqa, p_a_given_b, axis=0).sum() + ref_kl(lqb, p_b_given_a, axis=1).sum())
-
-
-def shard_tables(tables: PairTables, mesh) -> PairTables:
-    """Place tables as the tables stage does: rows over the mesh, mB replicated."""
-    rows = row_sharding(mesh)
-    return dataclasses.replace(
-        tables,
-        logits_a=jax.device_put(tables.logits_a, rows),
-        logits_b=jax.device_put(tables.logits_b, rows),
-        both_masked_a=jax.device_put(tables.both_masked_a, rows),
-        both_masked_b=jax.device_put(tables.both_masked_b, replicated(mesh)),
-    )
-
-
-def float32_atol(raw: Raw) -> float:
-    """Absolute tolerance for log-probabilities derived from ``raw``'s float32 logits.
-
-    float32 resolves a logit f to 6e-8 |f|, and each method adds or subtracts a few
-    numbers as large as the logits (MRF-L's fA + fB, HCB's pivot terms): 4 units of
-    the largest logit, with a floor of 1e-6. Cells far in the tail are held to the
-    relative tolerance instead.
-    """
-    largest = max(float(np.abs(x).max()) for x in (raw.fa, raw.fb, raw.ma, raw.mb))
-    return 1e-6 + 4 * float(np.spacing(np.float32(largest)))
+from tests.references import (
+    SCALES,
+    SIZES,
+    Raw,
+    float32_atol,
+    normalise,
+    random_raw,
+    raw_from_joint,
+    ref_ag_iterates,
+    ref_joint,
+    ref_objective,
+    shard_tables,
+)
 
 
 def assert_close(actual, expected, rtol=1e-5, atol=0.0):
@@ -179,10 +72,10 @@ def test_ag_info_matches_reference():
     raw = random_raw(33, 3.0, seed=2)
     joint = derive_joint(raw.tables(), "ag", iters=25)
     iterates = ref_ag_iterates(raw, 25)
-    assert int(joint.info["iterations"]) == 25
+    assert int(joint.info["iters"]) == 25
     marg = lambda lp: np.concatenate([np.exp(logsumexp(lp, axis=1)), np.exp(logsumexp(lp, axis=0))])
     expected_l1 = np.abs(marg(iterates[-1]) - marg(iterates[-2])).sum()
-    np.testing.assert_allclose(float(joint.info["l1_change"]), expected_l1, rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(float(joint.info["delta"]), expected_l1, rtol=1e-3, atol=1e-7)
     assert_close(joint.info["objective"], ref_objective(raw, iterates[-1]))
     assert_close(objective(joint), ref_objective(raw, iterates[-1]))
 
@@ -229,8 +122,8 @@ def test_ag_objective_never_increases():
 def test_ag_tolerance_reaches_the_minimiser_of_j():
     raw = random_raw(6, 1.5, seed=6)
     joint = derive_joint(raw.tables(), "ag", tol=1e-7)
-    assert 1 < int(joint.info["iterations"]) < 10_000
-    assert float(joint.info["l1_change"]) < 1e-7
+    assert 1 < int(joint.info["iters"]) < 10_000
+    assert float(joint.info["delta"]) < 1e-7
 
     lqa, lqb = raw.log_q()
     with jax.enable_x64(True):
@@ -266,11 +159,11 @@ def test_ag_tolerance_reaches_the_minimiser_of_j():
 
 def test_fixed_count_is_the_papers():
     raw = random_raw(7, 1.0, seed=7)
-    assert int(derive_joint(raw.tables(), "ag").info["iterations"]) == 40
+    assert int(derive_joint(raw.tables(), "ag").info["iters"]) == 40
 
 
 def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
-    """One pass of AG's loop (``joints._ag_sums``) at the marginals given:
+    """One pass of AG's loop (``ag.iteration_sums``) at the marginals given:
     (row logsumexps [Vp], column logsumexps [V]) of its unnormalised cells. Without
     ``fallback`` the exact log-space recomputation returns NaN, so that a result
     shows which path made it."""
@@ -282,14 +175,14 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
 
     def local(fa, fb, norm_b, norm_a, log_pa, log_pb):
         def exact():
-            row, col = joints._local_row_col_lse(joints._block_cell("ag"), (fa, fb, norm_b, log_pa),
-                                                 (norm_a, log_pb), block_rows=3)
+            row, col = streaming.local_row_col_lse(cells.block_cell("ag"), (fa, fb, norm_b, log_pa),
+                                                   (norm_a, log_pb), block_rows=3)
             return (row, col) if fallback else (row * jnp.nan, col * jnp.nan)
 
-        table = joints._ag_table(fa, fb, norm_a, norm_b)
-        return joints._ag_sums(table, log_pa, log_pb, exact, block_rows=3)
+        table = ag.invariant_table(fa, fb, norm_a, norm_b)
+        return ag.iteration_sums(table, log_pa, log_pb, exact, block_rows=3)
 
-    norm_a, norm_b = joints._normalisers(tables)
+    norm_a, norm_b = streaming.normalisers(tables)
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, repl, rows, repl),
                                out_specs=(rows, repl)))
     return fn(tables.logits_a, tables.logits_b, norm_b, norm_a, log_pa, jnp.asarray(log_pb, jnp.float32))
@@ -321,7 +214,7 @@ def test_ag_pass_in_and_beyond_float32_range(devices, monkeypatch):
     log_pb[5] = -200.0
     check(*ag_pass(raw, log_pa, log_pb, mesh, vp))
 
-    monkeypatch.setattr(joints, "_TRUST", 0.0)  # trust every sum: never recompute
+    monkeypatch.setattr(ag, "_TRUST", 0.0)  # trust every sum: never recompute
     row_lse, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp)
     assert not np.isfinite(np.asarray(row_lse)[7]) and not np.isfinite(np.asarray(col_lse)[5])
 

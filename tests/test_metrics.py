@@ -12,7 +12,7 @@ from jaxjoint.errors import UserError
 from jaxjoint.joints import METHODS, derive_joint
 from jaxjoint.metrics import METRICS, aggregate, mlm_unary_nll, pair_metrics
 from jaxjoint.sharding import make_mesh, padded_size
-from tests.test_joints import (
+from tests.references import (
     SCALES,
     SIZES,
     float32_atol,

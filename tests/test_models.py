@@ -2,7 +2,6 @@
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -141,8 +140,10 @@ def test_unsupported_model_type(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, tensor", [
-    ("vocab_size", 60, r"tensor bert.embeddings.word_embeddings.weight has shape \[\d+, 32\], but config.json implies \[60, 32\]"),
-    ("intermediate_size", 40, r"tensor bert.encoder.layer.0.intermediate.dense.weight has shape \[\d+, 32\], but config.json implies \[40, 32\]"),
+    ("vocab_size", 60, r"tensor bert.embeddings.word_embeddings.weight has shape \[\d+, 32\], "
+                       r"but config.json implies \[60, 32\]"),
+    ("intermediate_size", 40, r"tensor bert.encoder.layer.0.intermediate.dense.weight has shape \[\d+, 32\], "
+                              r"but config.json implies \[40, 32\]"),
 ])
 def test_config_that_does_not_match_the_weights(tmp_path, key, value, tensor):
     source = make_checkpoint(tmp_path / "m", "bert")

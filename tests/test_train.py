@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxjoint import corpus
 from jaxjoint.models.bert import MaskedLMModule
-from jaxjoint.train import (
+from jaxjoint.tools import corpus
+from jaxjoint.tools.train_mlm import (
     SpecialIds,
     TrainConfig,
     _save,
@@ -149,6 +149,7 @@ def test_checkpoint_round_trips_through_transformers(tiny, tmp_path):
     np.testing.assert_allclose(np.asarray(direct), ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_run_end_to_end(tmp_path, capsys):
     train_file, eval_file = tmp_path / "train.txt", tmp_path / "eval.txt"
     corpus.write_lines(train_file, synthetic_lines(300, seed=1))

@@ -43,17 +43,15 @@ import os
 import socket
 import sys
 import traceback
-from typing import Any, Callable, Iterator, NoReturn, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, NoReturn, TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from jaxjoint.errors import UserError
-from jaxjoint.sharding import make_mesh
 
-MODES = ("none", "pairs", "global")
 T = TypeVar("T")
 
 
@@ -131,19 +129,6 @@ def exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
-def global_mesh(devices_per_process: int | None = None) -> Mesh:
-    """A ``VOCAB_AXIS`` mesh over the first ``devices_per_process`` devices of
-    every process (all when None), the same on every process."""
-    by_process: dict[int, list[jax.Device]] = {}
-    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
-        by_process.setdefault(device.process_index, []).append(device)
-    fewest = min(len(ds) for ds in by_process.values())
-    if devices_per_process is not None and devices_per_process > fewest:
-        raise UserError(f"asked for {devices_per_process} devices per process; the smallest process has {fewest}")
-    n = devices_per_process or fewest
-    return make_mesh([d for p in sorted(by_process) for d in by_process[p][:n]])
-
-
 @dataclasses.dataclass(frozen=True)
 class Processes:
     """This process's place in the run: process ``index`` of ``count``.
@@ -184,7 +169,7 @@ class Processes:
             buffer = multihost_utils.broadcast_one_to_all(_padded(data, size))
         return json.loads(buffer[:size].tobytes())
 
-    def exchange(self, step: Callable[[], Any]) -> "Exchange":
+    def exchange(self, step: Callable[[], Any]) -> Exchange:
         """Run ``step`` here and gather every process's JSON-able result or error.
 
         Alone, an error in ``step`` propagates unchanged. With several processes it
@@ -260,7 +245,7 @@ def _lost_contact() -> Iterator[None]:
 
 
 def processes(mode: str) -> Processes:
-    """This process's ``Processes`` for a run in ``mode`` (``MODES``).
+    """This process's ``Processes`` for a run in ``mode`` (``config.DISTRIBUTED_MODES``).
 
     ``pairs`` and ``global`` join the distributed runtime if the caller has not
     (``initialize()``, cluster detected); ``none`` refuses to run as one of several

@@ -4,7 +4,7 @@ This is how the default model in ``jaxjoint/default/`` was made (its
 ``MODEL_CARD.md`` has the exact command). The pipeline:
 
 1. corpus: WordNet glosses and examples, split into training lines and
-   held-out sets by synset (``jaxjoint.corpus``), or any ``--train-file``;
+   held-out sets by synset (``jaxjoint.tools.corpus``), or any ``--train-file``;
 2. an uncased WordPiece vocabulary trained on the training lines only;
 3. BERT masking (15% of the non-special tokens; of those 80% ``[MASK]``,
    10% a random token, 10% unchanged), redrawn each epoch;
@@ -25,8 +25,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,7 @@ class SpecialIds:
     unk: int
 
     @classmethod
-    def of(cls, tokenizer: Any) -> "SpecialIds":
+    def of(cls, tokenizer: Any) -> SpecialIds:
         return cls(tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
                    tokenizer.mask_token_id, tokenizer.unk_token_id)
 
@@ -425,12 +426,12 @@ def _save(directory: Path, config: TrainConfig, params: Params, tokenizer: Any) 
     tokenizer.save_pretrained(str(directory))
 
 
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+def add_parser(subparsers: Any, help: str | None = None) -> argparse.ArgumentParser:
     """Register ``train-mlm`` on an argparse subparsers object (sets ``func=run``)."""
     d = TrainConfig()
     p = subparsers.add_parser(
         "train-mlm",
-        help="train a small BERT-style masked LM (how the default model was made)",
+        help=help,
         description="Train a WordPiece vocabulary and a BERT-style masked LM from scratch. "
         "Fetch the default corpus with `apt-get download wordnet-base` and pass the .deb "
         "to --corpus, or give your own text with --train-file.",
@@ -467,7 +468,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Build the corpus, train the tokenizer and the model, write everything under ``--out``."""
-    from jaxjoint import corpus as corpus_mod
+    from jaxjoint.tools import corpus as corpus_mod
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -537,20 +538,3 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
     print(f"wrote {model_dir} ({n_params} parameters, trained {train_seconds / 60:.1f} min)", file=sys.stderr)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry: ``python -m jaxjoint.train --corpus ... --out ...``."""
-    parser = argparse.ArgumentParser(prog="jaxjoint")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(["train-mlm", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return args.func(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

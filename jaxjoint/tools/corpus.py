@@ -29,8 +29,8 @@ import io
 import json
 import re
 import tarfile
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 from jaxjoint.errors import UserError
 
@@ -256,7 +256,7 @@ def write_lines(path: str | Path, lines: Iterable[str]) -> None:
 
 def read_lines(path: str | Path) -> list[str]:
     """Non-empty lines of a UTF-8 text file."""
-    return [l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+    return [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_splits(splits: CorpusSplits, directory: str | Path) -> None:

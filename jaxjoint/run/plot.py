@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from jaxjoint.errors import UserError
-from jaxjoint.evaluate import LABELS, PAIRS_FILE, read_pairs
+from jaxjoint.joints import LABELS
+from jaxjoint.run.rundir import PAIRS_FILE, read_pairs
 
 PLOT_FILE = "nll_by_distance.png"
 

@@ -1,0 +1,90 @@
+"""Reports of a finished run: the summary (P-PPL, U-PPL, KLs per method) as JSON, Markdown and CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxjoint.config import EvalConfig
+from jaxjoint.joints import LABELS
+from jaxjoint.metrics import aggregate
+from jaxjoint.run.rundir import SUMMARY_FILES
+
+Record = dict[str, Any]
+
+
+def summarize(config: EvalConfig, records: Sequence[Record], n_skipped: int) -> dict[str, Any]:
+    """The ``summary.json`` content from the records of a finished run."""
+    flat = [
+        {"method": m, **values, "mlm_unary_u_nll": r["mlm_unary_u_nll"]}
+        for r in records for m, values in r["metrics"].items()
+    ]
+    per_method = aggregate(flat)
+    summary: dict[str, Any] = {
+        "config": config.to_dict(),
+        "n_pairs": len(records),
+        "n_skipped": n_skipped,
+        "methods": {m: {k: per_method[m][k] for k in ("p_ppl", "u_ppl", "kl_gold", "kl_all")}
+                    for m in config.methods},
+        "mlm_unary_u_ppl": math.exp(math.fsum(r["mlm_unary_u_nll"] for r in records) / len(records)),
+    }
+    if "ag" in config.methods:
+        ag = [r["metrics"]["ag"] for r in records]
+        summary["ag"] = {
+            "iters_mean": float(np.mean([x["iters"] for x in ag])),
+            "iters_max": int(max(x["iters"] for x in ag)),
+            "delta_max": float(max(x["delta"] for x in ag)),
+            "objective_mean": float(np.mean([x["objective"] for x in ag])),
+        }
+    return summary
+
+
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The paper-style table of a summary, as Markdown."""
+    c = summary["config"]
+    ag = summary.get("ag")
+    lines = [
+        f"## {c['model']} on {c['data']}, {c['masking']} masking",
+        "",
+        f"{_count(summary['n_pairs'], 'pair')} ({_count(summary['n_skipped'], 'sentence')} skipped), "
+        f"seed {c['seed']}, {c['dtype']}"
+        + (f"; AG: {ag['iters_mean']:g} iterations on average, last-step L1 change up to {ag['delta_max']:.2g}"
+           if ag else ""),
+        "",
+        "| Method | P-PPL | U-PPL | KL (gold) | KL (all) |",
+        "|:--|--:|--:|--:|--:|",
+    ]
+    for method, m in summary["methods"].items():
+        lines.append(f"| {LABELS[method]} | {m['p_ppl']:.2f} | {m['u_ppl']:.2f} | {m['kl_gold']:.3f} "
+                     f"| {m['kl_all']:.3f} |")
+    lines.append(f"| MLM conditionals | – | {summary['mlm_unary_u_ppl']:.2f} | – | – |")
+    return "\n".join(lines) + "\n"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def summary_csv(summary: dict[str, Any]) -> str:
+    """One row per method (and one for the MLM's own conditionals) as CSV."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["method", "label", "p_ppl", "u_ppl", "kl_gold", "kl_all", "n_pairs"])
+    n = summary["n_pairs"]
+    for method, m in summary["methods"].items():
+        writer.writerow([method, LABELS[method], repr(m["p_ppl"]), repr(m["u_ppl"]),
+                         repr(m["kl_gold"]), repr(m["kl_all"]), n])
+    writer.writerow(["mlm_unary", "MLM conditionals", "", repr(summary["mlm_unary_u_ppl"]), "", "", n])
+    return buffer.getvalue()
+
+
+def summary_files(summary: dict[str, Any]) -> dict[str, str]:
+    """``{file name: text}`` of ``summary.json``, ``summary.md`` and ``summary.csv``."""
+    texts = (json.dumps(summary, indent=2) + "\n", summary_markdown(summary), summary_csv(summary))
+    return dict(zip(SUMMARY_FILES, texts))

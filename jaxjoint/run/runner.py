@@ -1,0 +1,186 @@
+"""The evaluation run: data -> tables -> joints -> metrics -> records, resumable.
+
+``evaluate(config)`` checks every input, resumes what the run directory holds
+(``rundir``), scores the remaining pairs (``jaxjoint.scoring``), one record each,
+and writes the reports (``reports``). With ``distributed: pairs`` or ``global`` the
+run spans several processes (``distributed``); process 0 alone touches the output
+directory, and it holds what a single-process run writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import jax
+from jax.sharding import Mesh
+
+from jaxjoint import scoring
+from jaxjoint.config import EvalConfig, shared_settings
+from jaxjoint.data import MaskedPair, load_sentences, make_pairs, max_tokens
+from jaxjoint.default import model_source
+from jaxjoint.errors import UserError
+from jaxjoint.models.mlm import MaskedLM, load_mlm
+from jaxjoint.run.distributed import Processes, ProcessFailure, describe, processes
+from jaxjoint.run.progress import progress_bar
+from jaxjoint.run.reports import summarize, summary_files, summary_markdown
+from jaxjoint.run.rundir import PairWriter, Record, RunDir
+from jaxjoint.sharding import global_mesh, local_mesh
+from jaxjoint.tables import bucket_length, default_chunk_size, iter_pair_tables, memory_budget_bytes
+
+
+def evaluate(config: EvalConfig, *, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) an evaluation and write its outputs in ``config.out``.
+
+    Every input is checked (output directory, data, model) before anything is
+    written. Returns the summary (as in ``summary.json``); ``summary.md`` is
+    printed to stdout unless ``quiet``.
+
+    With ``config.distributed`` ``pairs`` or ``global``, every process of the run
+    calls this with the same config (``jaxjoint.run.distributed`` describes the
+    modes); each returns the summary, and only process 0 writes files and prints.
+    An error on any process raises ``UserError`` on all of them, ``ProcessFailure``
+    when a process stopped answering.
+    """
+    if config.out is None:
+        raise ValueError("config.out is None; build the config with resolve_config or give out=DIR")
+    rundir = RunDir(config.out)
+    procs = processes(config.distributed)
+    run = procs.agree(lambda: _load_run(config, rundir, read_out=procs.leader))
+    shared = procs.gather({
+        "fingerprint": _fingerprint(config, run),
+        "budget": memory_budget_bytes(jax.local_devices()[0]) if config.distributed == "global" else None,
+    })
+    for k, theirs in enumerate(shared):
+        if theirs["fingerprint"] != shared[0]["fingerprint"]:
+            raise UserError(f"process {k} made other pairs, or has another model or settings, than process 0; "
+                            "start every process with the same command, data and model")
+    finished = {r["index"]: r for r in procs.broadcast(run.records)}
+    todo = [p for p in run.pairs if p.index not in finished]
+    chunk_size = config.chunk_size
+    if config.distributed == "global" and chunk_size is None and todo:
+        # Every process must compile the same program: one chunk size from the
+        # smallest device budget, sized for the longest sentence.
+        length = max(bucket_length(len(p.input_ids), run.mlm.config.max_positions) for p in todo)
+        chunk_size = default_chunk_size(run.mlm.config, length, config.dtype, min(s["budget"] for s in shared))
+
+    writer = procs.agree(lambda: rundir.start(config) if procs.leader else None)
+    progress = progress_bar(len(run.pairs), len(run.pairs) - len(todo), enabled=procs.leader and not quiet)
+    try:
+        _score_pairs(config, run, todo, procs, chunk_size, finished, writer, progress)
+    except UserError as err:
+        if procs.count == 1:
+            raise
+        raise type(err)(f"{err}; the {len(finished)} finished pairs are saved in {rundir.pairs_path}: "
+                        "run the same command on every process to resume") from err
+    finally:
+        if writer is not None:
+            writer.close()
+        progress.close()
+
+    summary = summarize(config, [finished[p.index] for p in run.pairs], run.skipped)
+    if procs.leader:
+        rundir.sort_pairs()
+        rundir.write_files(summary_files(summary))
+        if not quiet:
+            print(summary_markdown(summary), end="")
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """What one process loaded for a run: the finished records it read (process 0
+    only), the model, the pairs of the data, the sentences skipped, its mesh."""
+
+    records: list[Record]
+    mlm: MaskedLM
+    pairs: list[MaskedPair]
+    skipped: int
+    mesh: Mesh
+
+
+def _load_run(config: EvalConfig, rundir: RunDir, *, read_out: bool) -> _Run:
+    """Load and check everything a run needs; writes nothing. Only the process
+    with ``read_out`` looks at the output directory."""
+    records = rundir.finished_records(config) if read_out else []
+    sentences = load_sentences(config.data, config.max_sentences)
+    mlm = load_mlm(model_source(config.model), dtype=config.dtype)
+    pairs, skipped = make_pairs(sentences, mlm.tokenizer, masking=config.masking, seed=config.seed,
+                                max_length=max_tokens(mlm.config))
+    if not pairs:
+        raise UserError(f"none of the {len(sentences)} sentences of {config.data} has two maskable tokens")
+    stored = {r["index"]: r for r in records}
+    for pair in pairs:
+        old = stored.get(pair.index)
+        if old is not None and (old["positions"] != [pair.a, pair.b] or old["input_ids"] != list(pair.input_ids)):
+            raise UserError(f"{rundir.pairs_path} has another pair for sentence {pair.index}: "
+                            "the data or tokenizer changed; use a new --out")
+    mesh = global_mesh(config.devices) if config.distributed == "global" else local_mesh(config.devices)
+    return _Run(records, mlm, pairs, skipped, mesh)
+
+
+def _fingerprint(config: EvalConfig, run: _Run) -> str:
+    """A digest of what must be equal on every process: the pairs, the model's
+    shape, and the settings (paths may differ from host to host)."""
+    values = shared_settings(config)
+    values["model"] = dataclasses.asdict(run.mlm.config)
+    values["pairs"] = [[p.index, list(p.input_ids), p.a, p.b] for p in run.pairs]
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def _score_pairs(config: EvalConfig, run: _Run, todo: list[MaskedPair], procs: Processes, chunk_size: int | None,
+                 finished: dict[int, Record], writer: PairWriter | None, progress: Any) -> None:
+    """Score ``todo``, adding each record to ``finished`` (and ``writer``) in order.
+
+    ``pairs`` and ``none``: in rounds of one pair per process, process k scoring
+    the k-th, results gathered after each round. ``global``: every process scores
+    every pair on the global mesh and holds the same (replicated) numbers.
+    """
+    k, n = procs.index, procs.count
+    spread = config.distributed != "global"
+    rounds = [todo[i:i + n] for i in range(0, len(todo), n)] if spread else [[p] for p in todo]
+    mine = [r[k] for r in rounds if k < len(r)] if spread else todo
+    stream = iter_pair_tables(run.mlm, ((p.input_ids, p.a, p.b) for p in mine), mesh=run.mesh,
+                              chunk_size=chunk_size)
+
+    def score(pair: MaskedPair) -> dict[str, Any]:
+        metrics, unary = scoring.score_tables(next(stream), pair.gold, config.methods, config.ag_options(),
+                                              run.mesh)
+        return {"metrics": metrics, "unary": unary}
+
+    for batch in rounds:
+        if spread:
+            exchange = procs.exchange(lambda batch=batch: score(batch[k]) if k < len(batch) else None)
+            results = exchange.results
+        else:
+            results = [_score_together(score, batch[0], procs)]
+        for pair, result in zip(batch, results):
+            if result is not None:
+                record = scoring.pair_record(pair, result["metrics"], result["unary"])
+                finished[pair.index] = record
+                if writer is not None:
+                    writer.append(record)
+                progress.update()
+        if spread:
+            exchange.check(lambda j, batch=batch: f"process {j} on sentence {batch[j].index}")
+
+
+def _score_together(score: Callable[[MaskedPair], dict[str, Any]], pair: MaskedPair,
+                    procs: Processes) -> dict[str, Any]:
+    """``score(pair)`` in global mode. An error here cannot be reported to the other
+    processes (they may be waiting inside a collective of this pair), so with
+    several processes it ends the run as a ``ProcessFailure``."""
+    try:
+        return score(pair)
+    except Exception as err:
+        if procs.count == 1:
+            raise
+        # A runtime error is most often a collective whose peer died: its message says so, a traceback would not.
+        if not isinstance(err, (UserError, jax.errors.JaxRuntimeError)):
+            traceback.print_exc()
+        raise ProcessFailure(f"sentence {pair.index} failed on process {procs.index} ({describe(err)}); "
+                             "if another process stopped, its output says why") from err
