@@ -24,38 +24,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxjoint.models.config import EncoderConfig
+from jaxjoint.models.layers import ACTIVATIONS, INIT, LayerNorm
 
 Dtype = Any
-_INIT = nn.initializers.normal(stddev=0.02)  # BERT's initializer range
-
-ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "relu": jax.nn.relu,
-}
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm whose statistics are float32 whatever the compute dtype."""
-
-    eps: float
-    dtype: Dtype
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        features = x.shape[-1]
-        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(-1, keepdims=True)
-        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-        return y.astype(self.dtype)
 
 
 def _dense(features: int, dtype: Dtype, name: str | None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=_INIT, name=name)
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=INIT, name=name)
 
 
 class SelfAttention(nn.Module):
@@ -128,10 +103,10 @@ class MaskedLMModule(nn.Module):
 
     def setup(self) -> None:
         c = self.config
-        self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_size, embedding_init=_INIT)
-        self.position_embeddings = nn.Embed(c.max_positions, c.embedding_size, embedding_init=_INIT)
+        self.word_embeddings = nn.Embed(c.vocab_size, c.embedding_size, embedding_init=INIT)
+        self.position_embeddings = nn.Embed(c.max_positions, c.embedding_size, embedding_init=INIT)
         if c.type_vocab_size:
-            self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size, embedding_init=_INIT)
+            self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size, embedding_init=INIT)
         self.embeddings_norm = LayerNorm(c.layer_norm_eps, self.dtype)
         if c.embedding_size != c.hidden_size:
             self.embeddings_project = _dense(c.hidden_size, self.dtype, None)
@@ -142,7 +117,7 @@ class MaskedLMModule(nn.Module):
         self.head_bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
         if not c.tie_word_embeddings:
             self.head_decoder = self.param(
-                "head_decoder", _INIT, (c.vocab_size, c.embedding_size), jnp.float32
+                "head_decoder", INIT, (c.vocab_size, c.embedding_size), jnp.float32
             )
 
     def encode(

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import jax
 import numpy as np
@@ -18,19 +19,31 @@ from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.bert import init_params
-from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
+from jaxjoint.models import rotary
+from jaxjoint.models.config import EncoderConfig, EsmEncoderConfig, encoder_config_from_hf
+from jaxjoint.models.families import init_params
 
 Params = dict[str, Any]
 # Flax path -> (PyTorch key without weight/bias suffix, kind). kind: "dense" (transpose
-# weight -> kernel), "norm" (weight/bias or gamma/beta), "embed", "bias" (a bare vector).
+# weight -> kernel), "norm" (weight/bias or gamma/beta), "embed", "bias" (a bare vector),
+# "rotary" (ESM's rotary frequencies under the model prefix; optional). A dense or norm
+# leaf the family's module does not have (a bias switched off) is not read.
 KeyTable = dict[tuple[str, ...], tuple[str, str]]
 
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
+def base_prefix(config: EncoderConfig) -> str:
+    """The PyTorch name of the encoder inside the ``*ForMaskedLM`` model."""
+    return "model" if config.family == "modernbert" else config.family
+
+
 def parameter_keys(config: EncoderConfig) -> KeyTable:
     """Flax parameter path -> PyTorch module name for one family."""
+    if config.family == "modernbert":
+        return _modernbert_keys(config)
+    if config.family == "esm":
+        return _esm_keys(config)
     c = config
     table: KeyTable = {}
     if c.family == "distilbert":
@@ -89,6 +102,65 @@ def parameter_keys(config: EncoderConfig) -> KeyTable:
     return table
 
 
+def _modernbert_keys(c: EncoderConfig) -> KeyTable:
+    table: KeyTable = {
+        ("word_embeddings",): ("model.embeddings.tok_embeddings", "embed"),
+        ("embeddings_norm",): ("model.embeddings.norm", "norm"),
+        ("final_norm",): ("model.final_norm", "norm"),
+        ("head_transform",): ("head.dense", "dense"),
+        ("head_norm",): ("head.norm", "norm"),
+        ("head_bias",): ("decoder.bias", "bias"),
+    }
+    if not c.tie_word_embeddings:
+        table[("head_decoder",)] = ("decoder.weight", "bias")
+    layer_names = {
+        ("attention_norm",): "attn_norm",  # absent in layer 0 (an identity there)
+        ("attention", "qkv"): "attn.Wqkv",
+        ("attention", "out"): "attn.Wo",
+        ("mlp_norm",): "mlp_norm",
+        ("mlp_in",): "mlp.Wi",
+        ("mlp_out",): "mlp.Wo",
+    }
+    for i in range(c.num_layers):
+        for path, name in layer_names.items():
+            kind = "norm" if path[-1].endswith("norm") else "dense"
+            table[(f"layers_{i}", *path)] = (f"model.layers.{i}.{name}", kind)
+    return table
+
+
+def _esm_keys(c: EsmEncoderConfig) -> KeyTable:
+    table: KeyTable = {
+        ("word_embeddings",): ("esm.embeddings.word_embeddings", "embed"),
+        ("final_norm",): ("esm.encoder.emb_layer_norm_after", "norm"),
+        ("head_transform",): ("lm_head.dense", "dense"),
+        ("head_norm",): ("lm_head.layer_norm", "norm"),
+        ("head_bias",): ("lm_head.bias", "bias"),
+    }
+    if c.rotary:
+        table[("rotary_inv_freq",)] = ("esm", "rotary")
+    else:
+        table[("position_embeddings",)] = ("esm.embeddings.position_embeddings", "embed")
+    if c.emb_layer_norm_before:
+        table[("embeddings_norm",)] = ("esm.embeddings.layer_norm", "norm")
+    if not c.tie_word_embeddings:
+        table[("head_decoder",)] = ("lm_head.decoder.weight", "bias")
+    layer_names = {
+        ("attention_norm",): "attention.LayerNorm",
+        ("attention", "query"): "attention.self.query",
+        ("attention", "key"): "attention.self.key",
+        ("attention", "value"): "attention.self.value",
+        ("attention", "out"): "attention.output.dense",
+        ("mlp_norm",): "LayerNorm",
+        ("mlp_in",): "intermediate.dense",
+        ("mlp_out",): "output.dense",
+    }
+    for i in range(c.num_layers):
+        for path, name in layer_names.items():
+            kind = "norm" if path[-1].endswith("norm") else "dense"
+            table[(f"layers_{i}", *path)] = (f"esm.encoder.layer.{i}.{name}", kind)
+    return table
+
+
 def _leaf_keys(kind: str, torch_name: str) -> Iterator[tuple[str, tuple[str, ...], bool]]:
     """(Flax leaf name, candidate PyTorch keys, transpose) for one module."""
     if kind == "dense":
@@ -99,6 +171,12 @@ def _leaf_keys(kind: str, torch_name: str) -> Iterator[tuple[str, tuple[str, ...
         yield "bias", (f"{torch_name}.bias", f"{torch_name}.beta"), False
     elif kind == "embed":
         yield "embedding", (f"{torch_name}.weight",), False
+    elif kind == "rotary":
+        # One buffer in transformers 5; older conversions store a copy per layer
+        # (transformers reads layer 0's), and transformers 5 writes those as "layer.*".
+        per_layer = "attention.self.rotary_embeddings.inv_freq"
+        yield "", (f"{torch_name}.rotary_embeddings.inv_freq", f"{torch_name}.encoder.layer.0.{per_layer}",
+                   f"{torch_name}.encoder.layer.*.{per_layer}"), False
     else:  # a bare tensor stored under its own key
         yield "", (torch_name,), False
 
@@ -160,7 +238,7 @@ def params_from_state_dict(
     present. A checkpoint saved from the bare encoder (no ``bert.`` prefix) is
     accepted too. Every tensor must have the shape ``config`` gives it.
     """
-    prefix = f"{config.family}."
+    prefix = f"{base_prefix(config)}."
     shapes = _parameter_shapes(config)
     params: Params = {}
     for path, (torch_name, kind) in parameter_keys(config).items():
@@ -168,20 +246,25 @@ def params_from_state_dict(
         for part in path[:-1]:
             node = node.setdefault(part, {})
         for leaf, candidates, transpose in _leaf_keys(kind, torch_name):
+            want = shapes.get((*path, leaf) if leaf else path)
+            if want is None:  # a leaf this family's module does not have
+                continue
             found = next((k for k in candidates if k in available), None)
             if found is None:  # bare-encoder checkpoints drop the family prefix
                 found = next(
                     (k[len(prefix):] for k in candidates
                      if k.startswith(prefix) and k[len(prefix):] in available), None)
-            if found is None:
+            if found is None and kind == "rotary":  # not stored: transformers computes it too
+                value = rotary.inverse_frequencies(config.head_dim, config.rope_theta)
+            elif found is None:
                 raise UserError(f"checkpoint lacks the tensor {candidates[0]}")
-            value = np.asarray(get(found), dtype=np.float32)
-            want = shapes[(*path, leaf) if leaf else path]
-            want = want[::-1] if transpose else want  # as PyTorch stores it
-            if value.shape != want:
-                raise UserError(f"tensor {found} has shape {list(value.shape)}, but config.json implies "
-                                f"{list(want)}; the config does not match the weights")
-            value = value.T if transpose else value
+            else:
+                value = np.asarray(get(found), dtype=np.float32)
+                want = want[::-1] if transpose else want  # as PyTorch stores it
+                if value.shape != want:
+                    raise UserError(f"tensor {found} has shape {list(value.shape)}, but config.json implies "
+                                    f"{list(want)}; the config does not match the weights")
+                value = value.T if transpose else value
             if leaf:
                 node.setdefault(path[-1], {})[leaf] = value
             else:
@@ -272,6 +355,8 @@ def save_checkpoint(directory: str | Path, config: EncoderConfig, params: Params
         for part in path:
             node = node[part]
         for leaf, candidates, transpose in _leaf_keys(kind, torch_name):
+            if leaf and leaf not in node:  # a bias the family switches off
+                continue
             value = np.asarray(node[leaf] if leaf else node, dtype=np.float32)
             tensors[candidates[0]] = np.ascontiguousarray(value.T if transpose else value)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})

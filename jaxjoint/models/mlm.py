@@ -8,23 +8,25 @@ import os
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.bert import MaskedLMModule, init_params
 from jaxjoint.models.checkpoint import Params, load_checkpoint
 from jaxjoint.models.config import EncoderConfig
+from jaxjoint.models.families import init_params, masked_lm_module
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 @dataclasses.dataclass
 class MaskedLM:
-    """A BERT-family masked LM ready to run.
+    """A masked LM ready to run.
 
-    ``config``: the ``EncoderConfig``; ``params``: the Flax parameter tree (float32);
+    ``config``: the ``EncoderConfig`` (a family's subclass for ModernBERT and ESM);
+    ``params``: the Flax parameter tree (float32);
     ``tokenizer``: the checkpoint's ``transformers`` tokenizer (or None);
     ``dtype``: compute dtype name, ``"float32"`` or ``"bfloat16"``.
     """
@@ -37,8 +39,10 @@ class MaskedLM:
     _placed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def module(self) -> MaskedLMModule:
-        return MaskedLMModule(self.config, dtype=DTYPES[self.dtype])
+    def module(self) -> nn.Module:
+        """The family's Flax module computing in ``dtype``: ``__call__(input_ids int[B, L],
+        attention_mask int[B, L], positions int[B, K]) -> float32[B, K, V]``."""
+        return masked_lm_module(self.config, DTYPES[self.dtype])
 
     @property
     def vocab_size(self) -> int:
@@ -59,7 +63,7 @@ class MaskedLM:
             self._placed[sharding] = jax.device_put(self.params, sharding)
         return self._placed[sharding]
 
-    def with_dtype(self, dtype: str) -> "MaskedLM":
+    def with_dtype(self, dtype: str) -> MaskedLM:
         """The same model computing in ``dtype`` (parameters are shared, not copied)."""
         _check_dtype(dtype)
         return dataclasses.replace(self, dtype=dtype, _placed=self._placed)
@@ -90,7 +94,7 @@ class MaskedLM:
 
 @functools.partial(jax.jit, static_argnums=0)
 def mlm_logits(
-    module: MaskedLMModule, params: Params, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array
+    module: nn.Module, params: Params, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array
 ) -> jax.Array:
     """Jitted core of ``MaskedLM.logits_at``: int[B, L], int[B, L], int[B, K] -> float32[B, K, V]."""
     return module.apply({"params": params}, input_ids, attention_mask, positions)
@@ -131,7 +135,7 @@ def _resolve_source(source: str | os.PathLike, *, allow_pickle: bool) -> Path:
 
 
 def load_mlm(source: str | os.PathLike, *, dtype: str = "float32", allow_pickle: bool = False) -> MaskedLM:
-    """Load a BERT-family masked LM from a local HF checkpoint directory or a hub name.
+    """Load a masked LM (``SUPPORTED_MODEL_TYPES``) from a local HF checkpoint directory or a hub name.
 
     ``source``: a directory with ``config.json``, ``model.safetensors`` (or a sharded
     index) and tokenizer files, or a hub name such as ``"bert-base-cased"``.
@@ -158,5 +162,5 @@ def _load_tokenizer(directory: Path) -> Any:
 
 
 def random_params(config: EncoderConfig, seed: int = 0) -> Params:
-    """Randomly initialised float32 parameters (BERT's N(0, 0.02) initialiser)."""
+    """Randomly initialised float32 parameters of ``config``'s family (N(0, 0.02) weights)."""
     return jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(seed)))
