@@ -1,9 +1,17 @@
 """Counted floating-point operations of the MLM forward pass (matrix products only).
 
-A multiply-add counts as 2 FLOPs. Elementwise work (softmax, GELU, LayerNorm) is
-left out, as in the usual MFU accounting: it is under 1% for BERT shapes. The
-counts are of the work jaxjoint runs: the last layer computes queries and the
-feed-forward block only at the positions the head reads (``bert.MaskedLMModule``).
+A multiply-add counts as 2 FLOPs. Elementwise work (softmax, GELU, LayerNorm,
+rotary rotation, ESM's token-dropout scaling) is left out, as in the usual MFU
+accounting: it is under 1% for BERT shapes. The counts are of the work jaxjoint
+runs: the last layer computes queries and the feed-forward block only at the
+positions the head reads (every family's module does this).
+
+Family differences: ModernBERT's GeGLU input projection is twice as wide
+(2 x intermediate_size: the value and the gate halves); its fused Wqkv costs what
+separate Q, K, V projections cost. ModernBERT's sliding-window layers compute
+the full L x L attention scores and mask those outside the window, so they are
+counted like global layers: this is what runs, not the band a windowed kernel
+would compute. ESM's layers cost what BERT's do.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ def layer_flops(config: EncoderConfig, length: int, queries: int | None = None) 
     h, i, n = config.hidden_size, config.intermediate_size, length
     q = n if queries is None else queries
     projections = 2 * q * h * h + 2 * n * h * (2 * h)  # query; key, value
-    attention = 2 * (2 * q * n * h)  # scores and the probability-weighted values
+    attention = 2 * (2 * q * n * h)  # scores and the probability-weighted values, all L keys
     output = 2 * q * h * h
-    mlp = 2 * (2 * q * h * i)
+    mlp_in = 2 * i if config.family == "modernbert" else i  # GeGLU: value and gate
+    mlp = 2 * q * h * mlp_in + 2 * q * i * h
     return projections + attention + output + mlp
 
 
