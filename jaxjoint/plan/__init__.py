@@ -1,0 +1,27 @@
+"""``jaxjoint plan``: will a run fit an accelerator, with which chunk, and how fast?
+
+Compiles, without the hardware, the programs a run executes (the tables stage per
+length bucket, the joints, the metrics) for a GPU or TPU target described from
+published facts (``hardware/``), reads XLA's memory and cost analyses, and
+reports per device: peak memory against the usable memory, the largest chunk that
+fits (found by compiling), FLOPs per pair, and a roofline estimate of the time
+per pair, labelled as an estimate.
+
+- ``make_plan(target, model, ...) -> PlanReport``; ``format_plan(report)``;
+  ``report.to_json()``;
+- ``largest_fitting_chunk(mesh, config, length, dtype, budget_bytes=...)``: the
+  cached chunk search, on real or compile-only devices;
+- ``resolve_target``, ``planning_config``: TARGET strings and model names.
+"""
+
+from jaxjoint.plan.fit import MAX_CHUNK, ChunkChoice, largest_fitting_chunk
+from jaxjoint.plan.models import planning_config, shipped_models
+from jaxjoint.plan.planner import DEFAULT_LENGTHS, make_plan
+from jaxjoint.plan.report import PlanReport, format_plan, write_json
+from jaxjoint.plan.targets import Target, resolve_target, use_only_cpu_backend
+
+__all__ = [
+    "DEFAULT_LENGTHS", "MAX_CHUNK", "ChunkChoice", "PlanReport", "Target", "format_plan",
+    "largest_fitting_chunk", "make_plan", "planning_config", "resolve_target", "shipped_models",
+    "use_only_cpu_backend", "write_json",
+]

@@ -1,0 +1,88 @@
+"""Compiled programs' analyses, kept in memory and on disk.
+
+Compiling a bert-sized program for a TPU or GPU target takes seconds to a minute on
+a small host, and its memory and cost analyses depend only on the program and the
+compiler: they are kept per (compiler versions, chip, device count, model config,
+program and its sizes) as JSON under ``$JAXJOINT_PLAN_CACHE`` (default
+``~/.cache/jaxjoint/plan``; ``off`` disables the disk).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+from jaxjoint.plan.compile import ProgramCost
+
+_memory: dict[str, tuple[ProgramCost, ...]] = {}
+
+
+@functools.cache
+def compiler_versions() -> dict[str, str]:
+    """Versions of the packages whose compilers produced the numbers."""
+    out = {}
+    for name in ("jax", "jaxlib", "libtpu", "jax-cuda13-plugin", "jax-cuda13-pjrt", "nvidia-cuda-nvcc"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def cache_dir() -> Path | None:
+    """The disk cache's directory, or None when ``JAXJOINT_PLAN_CACHE=off``."""
+    raw = os.environ.get("JAXJOINT_PLAN_CACHE")
+    if raw == "off":
+        return None
+    return Path(raw) if raw else Path.home() / ".cache" / "jaxjoint" / "plan"
+
+
+def cached(key: tuple, compute: Callable[[], tuple[ProgramCost, ...]]) -> tuple[ProgramCost, ...]:
+    """``compute()``'s analyses for ``key`` (a tuple of JSON-able values and
+    dataclasses), from memory, else disk, else computed and stored in both."""
+    text = json.dumps([compiler_versions(), _jsonable(key)], sort_keys=True, default=str)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:32]
+    if digest in _memory:
+        return _memory[digest]
+    directory = cache_dir()
+    path = None if directory is None else directory / f"{digest}.json"
+    if path is not None and path.is_file():
+        try:
+            costs = tuple(ProgramCost(**c) for c in json.loads(path.read_text())["costs"])
+            _memory[digest] = costs
+            return costs
+        except (ValueError, TypeError, KeyError):
+            pass  # a file from another version of this code: compile again
+    costs = tuple(compute())
+    _memory[digest] = costs
+    if path is not None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            record = {"key": json.loads(text), "costs": [dataclasses.asdict(c) for c in costs]}
+            tmp.write_text(json.dumps(record, indent=1))
+            tmp.replace(path)
+        except OSError:
+            pass  # an unwritable cache only costs time
+    return costs
+
+
+def clear_memory() -> None:
+    """Forget the in-process results (tests)."""
+    _memory.clear()
+
+
+def _jsonable(value):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value

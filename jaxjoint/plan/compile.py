@@ -1,0 +1,238 @@
+"""Compile the programs of a run for a mesh of real or compile-only devices, without
+running them, and read XLA's memory and cost analyses.
+
+The programs are the run's own: ``tables.substitution_table`` (the 2·V forward
+passes, one call per table), ``mlm.mlm_logits`` (the both-masked pass), the
+tables' assembly, ``joints.derive_joint`` for each method and the per-pair
+metrics core. Every input is a ``jax.ShapeDtypeStruct`` carrying its sharding, so
+nothing is allocated and no weights are needed.
+
+Numbers are per device: after SPMD partitioning each device runs the same program
+on its shard. XLA's cost analysis counts a while loop's body once (``lax.map``
+over chunks, AG's iterations, the streaming passes' row blocks): callers multiply
+by trip counts where they know them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+
+from jaxjoint.joints import Joint, derive_joint
+from jaxjoint.joints.streaming import default_block_rows
+from jaxjoint.metrics import pair_metric_arrays
+from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.config import EncoderConfig
+from jaxjoint.models.mlm import DTYPES, mlm_logits
+from jaxjoint.plan.models import abstract_params
+from jaxjoint.sharding import mesh_size, padded_size, replicated, row_sharding
+from jaxjoint.tables import PairTables, _assemble, substitution_table
+
+
+@dataclasses.dataclass(frozen=True)
+class ProgramCost:
+    """What XLA says about one compiled program, per device.
+
+    peak_bytes: the most memory the program holds at once (its arguments, outputs
+    and temporaries); None when the compiler refused it (``refused`` says why,
+    e.g. the TPU compiler's RESOURCE_EXHAUSTED over HBM). flops and bytes_accessed:
+    XLA's HLO cost analysis (loop bodies once); optimal_seconds: the TPU compiler's
+    own time estimate (None elsewhere).
+    """
+
+    name: str
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    temp_bytes: int = 0
+    alias_bytes: int = 0
+    peak_bytes: int | None = None
+    flops: float | None = None
+    bytes_accessed: float | None = None
+    optimal_seconds: float | None = None
+    compile_seconds: float = 0.0
+    refused: str | None = None
+
+
+def hlo_cost_analysis(compiled: jax.stages.Compiled) -> dict[str, float]:
+    """XLA's generic HLO cost analysis of a compiled program's optimised module.
+
+    For backends whose ``cost_analysis()`` returns None (the CUDA plugin's compile-only
+    devices). Uses private jaxlib entry points, pinned here alone and tested
+    (tests/test_plan.py): ``_jax.hlo_module_cost_analysis`` run by the CPU client
+    on ``runtime_executable().hlo_modules()[0]``.
+    """
+    from jax._src.lib import _jax
+
+    cpu_client = jax.local_devices(backend="cpu")[0].client
+    module = compiled.runtime_executable().hlo_modules()[0]
+    return {k: float(v) for k, v in _jax.hlo_module_cost_analysis(cpu_client, module).items()}
+
+
+def xla_cost(compiled: jax.stages.Compiled) -> dict[str, float]:
+    """``compiled.cost_analysis()``, or the HLO cost analysis where that is None."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # some plugins raise UNIMPLEMENTED instead of returning None
+        cost = None
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    if cost:
+        return {k: float(v) for k, v in cost.items()}
+    return hlo_cost_analysis(compiled)
+
+
+def analyse(name: str, lower: Callable[[], jax.stages.Lowered]) -> ProgramCost:
+    """Lower and compile with ``lower()``; the program's memory and cost analyses.
+
+    A compiler that refuses the program for its size (RESOURCE_EXHAUSTED: the TPU
+    compiler checks HBM) gives ``refused``; other errors propagate.
+    """
+    return compile_program(name, lower)[0]
+
+
+def compile_program(name: str, lower: Callable[[], jax.stages.Lowered]
+                    ) -> tuple[ProgramCost, jax.stages.Compiled | None]:
+    """``analyse``, also returning the compiled program (None when refused)."""
+    start = time.perf_counter()
+    try:
+        compiled = lower().compile()
+    except Exception as err:  # XlaRuntimeError / JaxRuntimeError
+        text = str(err)
+        if "RESOURCE_EXHAUSTED" not in text:
+            raise
+        line = next((ln.strip() for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln), text.splitlines()[0])
+        return ProgramCost(name, refused=line[:300], compile_seconds=time.perf_counter() - start), None
+    seconds = time.perf_counter() - start
+    memory = compiled.memory_analysis()
+    arguments, outputs = memory.argument_size_in_bytes, memory.output_size_in_bytes
+    temps, alias = memory.temp_size_in_bytes, memory.alias_size_in_bytes
+    peak = getattr(memory, "peak_memory_in_bytes", 0) or (arguments + outputs + temps - alias)
+    cost = xla_cost(compiled)
+    return ProgramCost(
+        name, argument_bytes=arguments, output_bytes=outputs, temp_bytes=temps, alias_bytes=alias,
+        peak_bytes=max(peak, arguments + outputs + temps - alias), flops=cost.get("flops"),
+        bytes_accessed=cost.get("bytes accessed"), optimal_seconds=cost.get("optimal_seconds"),
+        compile_seconds=seconds), compiled
+
+
+# --- abstract inputs ----------------------------------------------------------------
+
+
+def _abstract(shape, dtype, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def _placed(tree: Any, sharding: NamedSharding) -> Any:
+    return jax.tree.map(lambda s: _abstract(s.shape, s.dtype, sharding), tree)
+
+
+@functools.cache
+def _params_shapes(config: EncoderConfig) -> Any:
+    return abstract_params(config)
+
+
+def params_bytes(config: EncoderConfig) -> int:
+    """Bytes of the float32 parameters (replicated: each device holds them all)."""
+    return sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(_params_shapes(config)))
+
+
+def abstract_tables(mesh: Mesh, vocab: int) -> PairTables:
+    """``PairTables`` as the tables stage leaves them on ``mesh``: float32[Vp, V] row-sharded."""
+    rows = padded_size(vocab, mesh)
+    shard, rep = row_sharding(mesh), replicated(mesh)
+    return PairTables(
+        logits_a=_abstract((rows, vocab), jnp.float32, shard),
+        logits_b=_abstract((rows, vocab), jnp.float32, shard),
+        both_masked_a=_abstract((rows,), jnp.float32, shard),
+        both_masked_b=_abstract((vocab,), jnp.float32, rep),
+        vocab_size=vocab)
+
+
+# --- the run's programs ---------------------------------------------------------------
+
+
+def tables_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, n_chunks: int,
+                   chunk: int) -> ProgramCost:
+    """One ``substitution_table`` call (one of the pair's two tables) for sentences
+    padded to ``length``: ``n_chunks`` steps of ``chunk`` sequences per device."""
+    rep = replicated(mesh)
+    module = MaskedLMModule(config, dtype=DTYPES[dtype])
+    params = _placed(_params_shapes(config), rep)
+    ids = _abstract((length,), jnp.int32, rep)
+    scalar = _abstract((), jnp.int32, rep)
+
+    def lower():
+        return substitution_table.lower(
+            module, params, ids, ids, scalar, scalar, scalar, mesh=mesh, n_chunks=n_chunks, chunk=chunk,
+            rows=padded_size(config.vocab_size, mesh))
+
+    return analyse(f"tables (chunk {chunk} x {n_chunks})", lower)
+
+
+def both_masked_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str) -> ProgramCost:
+    """The one pass with both positions masked (logits at two positions)."""
+    rep = replicated(mesh)
+    module = MaskedLMModule(config, dtype=DTYPES[dtype])
+    params = _placed(_params_shapes(config), rep)
+    ids = _abstract((1, length), jnp.int32, rep)
+    positions = _abstract((1, 2), jnp.int32, rep)
+    return analyse("both masked", lambda: mlm_logits.lower(module, params, ids, ids, positions))
+
+
+def assemble_program(mesh: Mesh, vocab: int) -> ProgramCost:
+    """The transpose of the first table into ``logits_a`` (an all-to-all on a mesh)."""
+    tables = abstract_tables(mesh, vocab)
+    rep = replicated(mesh)
+    vector = _abstract((vocab,), jnp.float32, rep)
+    # _assemble is tables.py's private last step of the tables stage; the run executes it.
+    return analyse("assemble", lambda: _assemble.lower(
+        tables.logits_b, tables.logits_b, vector, vector, mesh=mesh, vocab=vocab))
+
+
+def _derived(joint: Joint):
+    """What a derived joint adds to its tables (the tables are not outputs)."""
+    return joint.norm_a, joint.norm_b, joint.row, joint.col, joint.log_z, joint.info
+
+
+def derive_program(mesh: Mesh, vocab: int, method: str, options: dict[str, Any]) -> tuple[ProgramCost, Joint]:
+    """``derive_joint(tables, method, **options)`` on abstract tables; also returns the
+    abstract ``Joint`` (leaves carrying the shardings the program gives them)."""
+    tables = abstract_tables(mesh, vocab)
+    derive = jax.jit(lambda t: _derived(derive_joint(t, method, mesh=mesh, **options)))
+    cost, compiled = compile_program(f"joint {method}", lambda: derive.lower(tables))
+    shapes = jax.eval_shape(derive, tables)
+    if compiled is not None:
+        shardings = compiled.output_shardings
+    else:
+        shardings = jax.tree.map(lambda _: replicated(mesh), shapes)
+    leaves = jax.tree.map(lambda s, sh: _abstract(s.shape, s.dtype, sh), shapes, shardings)
+    norm_a, norm_b, row, col, log_z, info = leaves
+    joint = Joint(tables, norm_a, norm_b, row, col, log_z, info, method=method, mesh=mesh)
+    return cost, joint
+
+
+def metrics_program(mesh: Mesh, joint: Joint) -> ProgramCost:
+    """The per-pair metrics core for one method's joint (jaxjoint.metrics)."""
+    rep = replicated(mesh)
+    gold = _abstract((), jnp.int32, rep)
+    block_rows = default_block_rows(joint.tables, mesh)
+    return analyse(f"metrics {joint.method}", lambda: pair_metric_arrays.lower(
+        joint.tables, joint, gold, gold, block_rows=block_rows))
+
+
+def local_rows(mesh: Mesh, vocab: int) -> int:
+    """Rows of each table on one device."""
+    return padded_size(vocab, mesh) // mesh_size(mesh)
+
+
+__all__ = [
+    "ProgramCost", "abstract_tables", "analyse", "assemble_program", "both_masked_program",
+    "derive_program", "hlo_cost_analysis", "local_rows", "metrics_program", "params_bytes",
+    "tables_program", "xla_cost",
+]

@@ -1,0 +1,224 @@
+"""``make_plan``: compile a run's programs for a target and decide whether it fits."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+from jaxjoint.errors import UserError
+from jaxjoint.flops import pair_flops, sequence_flops
+from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
+from jaxjoint.models.config import EncoderConfig
+from jaxjoint.models.mlm import DTYPES
+from jaxjoint.plan import fit
+from jaxjoint.plan.cache import compiler_versions
+from jaxjoint.plan.compile import ProgramCost, local_rows, params_bytes
+from jaxjoint.plan.models import planning_config
+from jaxjoint.plan.report import BucketPlan, PlanReport, roofline, table_passes
+from jaxjoint.plan.targets import Target, resolve_target
+from jaxjoint.sharding import mesh_size
+from jaxjoint.tables import bucket_length
+
+DEFAULT_LENGTHS = (32,)
+
+
+def make_plan(
+    target: str | Target,
+    model: str | EncoderConfig,
+    *,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    dtype: str = "float32",
+    methods: Sequence[str] = METHODS,
+    ag_options: dict[str, Any] | None = None,
+    prefetch: int = 1,
+    max_chunk: int = fit.MAX_CHUNK,
+    suggest: bool = True,
+) -> PlanReport:
+    """Compile, without the hardware, the programs a run executes and report per
+    device whether a pair fits, with which chunk, and how long it should take.
+
+    target: a TARGET string (``h100``, ``h100x8``, ``v5e:2x2``, ``local``; see
+      ``targets.resolve_target``) or a resolved ``Target``.
+    model: a shipped name, hub name or checkpoint directory (``models.planning_config``),
+      or an ``EncoderConfig``.
+    lengths: sentence lengths in tokens (special tokens included); each is planned
+      at its bucket (``tables.bucket_length``).
+    dtype: compute dtype, ``float32`` or ``bfloat16``.
+    methods: the joints to derive (their programs and metrics are compiled).
+    ag_options: AG's ``iters`` or ``tol``/``max_iters`` (as ``derive_joint`` takes them).
+    prefetch: pairs queued on the devices behind the one being scored.
+    max_chunk: the largest chunk to consider.
+    suggest: when it does not fit, compile alternatives (bfloat16, more devices)
+      to name one that fits in ``reason``.
+
+    Raises ``UserError`` for an unknown target, model, dtype or method.
+    """
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if prefetch < 0:
+        raise UserError(f"prefetch must be >= 0, got {prefetch}")
+    if not lengths:
+        raise UserError("give at least one sentence length")
+    resolved = target if isinstance(target, Target) else resolve_target(target)
+    name, config = (("config", model) if isinstance(model, EncoderConfig) else planning_config(model))
+    ag = dict(ag_options or {})
+    start = time.perf_counter()
+    buckets = tuple(_plan_bucket(resolved, config, length, dtype, methods, ag, prefetch, max_chunk)
+                    for length in lengths)
+    ag_iterations = ag.get("iters") or (ag.get("max_iters", AG_MAX_ITERS) if "tol" in ag else AG_ITERS)
+    report = PlanReport(
+        target=resolved.name, chip=resolved.chip, devices=resolved.device_count, hosts=resolved.hosts,
+        usable_bytes_per_device=resolved.usable_bytes_per_device, memory_note=resolved.memory_note,
+        model=name, vocab_size=config.vocab_size, dtype=dtype, methods=methods, ag_iterations=ag_iterations,
+        prefetch=prefetch, params_bytes=params_bytes(config), buckets=buckets, reason=None,
+        versions=compiler_versions(), compile_seconds=0.0)
+    reason = None
+    if not report.fits:
+        reason = _reason(report, resolved, config, lengths, dtype, methods, ag, prefetch, max_chunk, suggest)
+    return dataclasses.replace(report, reason=reason, compile_seconds=time.perf_counter() - start)
+
+
+def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str, methods: tuple[str, ...],
+                 ag: dict[str, Any], prefetch: int, max_chunk: int) -> BucketPlan:
+    mesh = target.mesh()
+    n = mesh_size(mesh)
+    bucket = bucket_length(length, config.max_positions)
+    options = {"ag": ag} if "ag" in methods else {}
+    both, assemble, joints, metrics = fit.other_programs(mesh, config, bucket, dtype, methods, options)
+    params = params_bytes(config)
+    pair = assemble.output_bytes
+    usable = target.usable_bytes_per_device
+    budget = None if usable is None else usable - prefetch * pair
+    choice = None
+    if budget is None:  # no memory limit known: the largest candidate
+        cost = fit.tables_cost(mesh, config, bucket, dtype, max_chunk)
+        n_chunks, chunk = fit.chunking(local_rows(mesh, config.vocab_size), max_chunk)
+        choice = fit.ChunkChoice(min(max_chunk, chunk), n_chunks, chunk, cost, None, 1)
+    elif budget > 0:
+        choice = fit.largest_fitting_chunk(mesh, config, bucket, dtype, budget_bytes=budget, max_chunk=max_chunk)
+    tables = choice.cost if choice else fit.tables_cost(mesh, config, bucket, dtype, fit.CHUNK_STEP)
+    stage = fit.StagePrograms(tables, both, assemble, joints, metrics)
+    phases = fit.phases(stage, params, prefetch)
+    totals = [p.total_bytes for p in phases]
+    refused = any(t is None for t in totals)
+    worst = max((p for p in phases if p.total_bytes is not None), key=lambda p: p.total_bytes, default=None)
+    peak = None if worst is None else worst.total_bytes
+    fits = choice is not None and not refused and (usable is None or peak <= usable)
+    fits_without = None
+    if not fits and prefetch > 0 and usable is not None and not refused:
+        bare = fit.phases(stage, params, 0)
+        fits_without = all(p.total_bytes <= usable for p in bare if not p.program.startswith("tables")) and (
+            fit.tables_fit(fit.tables_cost(mesh, config, bucket, dtype, fit.CHUNK_STEP), usable))
+
+    counted = pair_flops(config, bucket)
+    per_sequence = sequence_flops(config, bucket)
+    n_chunks, chunk = (choice.n_chunks, choice.chunk) if choice else fit.chunking(
+        local_rows(mesh, config.vocab_size), fit.CHUNK_STEP)
+    executed_per_device = 2 * n_chunks * chunk * per_sequence + sequence_flops(config, bucket, 2)
+    xla = None
+    if tables.flops and both.flops:
+        # XLA counts lax.map's body, one chunk, once: per sequence = flops / chunk.
+        xla = 2 * config.vocab_size * tables.flops / chunk + both.flops
+    table_bytes = tables.output_bytes
+    # Parameters are read once per chunk step, the table written once.
+    tables_bytes = 2 * n_chunks * params + 2 * table_bytes
+    xla_seconds = None
+    if tables.optimal_seconds and tables.optimal_seconds > 0 and both.optimal_seconds and both.optimal_seconds > 0:
+        xla_seconds = 2 * n_chunks * tables.optimal_seconds + both.optimal_seconds
+    ag_iterations = ag.get("iters") or (ag.get("max_iters", AG_MAX_ITERS) if "tol" in ag else AG_ITERS)
+    estimate = roofline(
+        target.chip, dtype, executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,
+        table_bytes=table_bytes, passes=table_passes(methods, ag_iterations), xla_tables_seconds=xla_seconds)
+    programs: list[ProgramCost] = [tables, both, assemble, *joints.values(), *metrics.values()]
+    return BucketPlan(
+        length=length, bucket=bucket, fits=fits, chunk_size=choice.chunk_size if choice else None,
+        n_chunks=choice.n_chunks if choice else None, chunk=choice.chunk if choice else None,
+        peak_bytes=peak, peak_program=None if worst is None else worst.program, phases=tuple(phases),
+        flops_per_pair=counted, xla_flops_per_pair=xla, executed_flops_per_pair=n * executed_per_device,
+        ag_bytes_per_iteration=table_bytes if "ag" in methods else None, estimate=estimate,
+        programs=tuple(programs), next_chunk_up=choice.next_up if choice else None,
+        fits_without_prefetch=fits_without)
+
+
+def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, dtype, methods, ag, prefetch,
+            max_chunk, suggest: bool) -> str:
+    """One line: what does not fit, and what would (compiled, when ``suggest``)."""
+    worst = max((b for b in report.buckets if not b.fits), key=lambda b: b.peak_bytes or 0)
+    v = config.vocab_size
+    pair_gb = 2 * 4 * v * v / 1e9
+    usable = target.usable_bytes_per_device
+    where = (f"peak {worst.peak_bytes / 2**30:.1f} GiB per device at '{worst.peak_program}'"
+             if worst.peak_bytes is not None else "the compiler refused a program as too large")
+    head = (f"{report.model} at {worst.bucket} tokens needs more than the {usable / 2**30:.1f} GiB usable on each of "
+            f"{target.device_count} x {target.chip.name} ({where}; one pair's two V x V float32 tables are "
+            f"{pair_gb:,.1f} GB at V = {v:,})")
+    if not suggest:
+        return head
+    tables_only = all(p.total_bytes is not None and p.total_bytes <= usable
+                      for p in worst.phases if not p.program.startswith(("tables", "both")))
+    if tables_only and dtype == "float32":
+        alt = make_plan(target, config, lengths=lengths, dtype="bfloat16", methods=methods, ag_options=ag,
+                        prefetch=prefetch, max_chunk=max_chunk, suggest=False)
+        if alt.fits:
+            return f"{head}; fits with --dtype bfloat16 (chunk {alt.worst.chunk_size})"
+    if worst.fits_without_prefetch:
+        return f"{head}; fits without prefetching the next pair (prefetch 0)"
+    more = _more_devices(target, worst, report.params_bytes)
+    if more is None:
+        return head
+    alt_target = resolve_target(more)
+    alt = make_plan(alt_target, config, lengths=lengths, dtype=dtype, methods=methods, ag_options=ag,
+                    prefetch=prefetch, max_chunk=max_chunk, suggest=False)
+    if not alt.fits:
+        return f"{head}; not even on {more} ({alt.devices} devices)"
+    if alt.hosts > 1:
+        return (f"{head}; fits on {alt.devices} devices ({more}: --distributed global over {alt.hosts} hosts), "
+                f"chunk {alt.worst.chunk_size}")
+    return f"{head}; fits on {alt.devices} devices ({more}), chunk {alt.worst.chunk_size}"
+
+
+# TPU slice shapes by chip count, smallest first (libtpu topology names).
+_TPU_SHAPES = {
+    "v5e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+    "v6e": ("1x1", "2x2", "2x4", "4x4", "4x8", "8x8", "8x16", "16x16"),
+    "v5p": ("1x1x1", "2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+    "v4": ("1x1x1", "2x2x1", "2x2x2", "2x2x4", "2x4x4", "4x4x4", "4x4x8", "4x8x8", "8x8x8"),
+}
+
+
+def _more_devices(target: Target, worst: BucketPlan, params: int) -> str | None:
+    """The smallest target of the same chip whose devices should hold the run:
+    table-sized memory shrinks with the device count, parameters do not."""
+    usable = target.usable_bytes_per_device
+    if usable is None or target.name == "local":
+        return None
+    n = target.device_count
+    peak = worst.peak_bytes
+    if peak is None:  # refused: assume the largest table-sized phase is at least the usable memory
+        peak = 2 * usable
+    scaled = peak - params  # grows as 1 / devices
+
+    def need(count: int) -> bool:
+        return params + scaled * n / count <= 0.9 * usable
+
+    chip = target.chip
+    if chip.platform == "gpu":
+        for count in (2, 4, 8, *range(16, 4097, 8)):
+            if count > n and need(count):
+                return f"{chip.key}x{count}" if count > 1 else chip.key
+        return None
+    for shape in _TPU_SHAPES.get(chip.key, ()):
+        count = 1
+        for d in shape.split("x"):
+            count *= int(d)
+        if count > n and need(count):
+            return f"{chip.key}:{shape}"
+    return None
+
+
+__all__ = ["DEFAULT_LENGTHS", "make_plan"]

@@ -1,0 +1,236 @@
+"""A plan's numbers: the roofline estimate, the report, its table and JSON.
+
+Every time here is an estimate from published peaks, not a measurement: the
+tables stage at the chip's peak matmul rate for the counted FLOPs it executes
+(padding included), each whole-table pass of the joints and metrics at the
+chip's HBM bandwidth. It is a floor: a run is slower by whatever the compiled
+kernels miss of the peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from jaxjoint.plan.compile import ProgramCost
+from jaxjoint.plan.fit import Phase
+from jaxjoint.plan.hardware import Chip
+
+GIB = 2**30
+
+
+def table_passes(methods: tuple[str, ...], ag_iterations: int) -> float:
+    """Whole-table reads and writes per pair, in units of one V x V float32 table,
+    for the assembly, joints and metrics of ``methods`` (the code's passes:
+    jaxjoint.joints, jaxjoint.metrics).
+
+    assembly: reads the two tables the forward passes wrote and writes the pair (4);
+    every joint: its normalisers read both tables (2); mlm, mrf, mrf_logit, hcb: one logsumexp pass
+    over both (2), metrics' J: two passes over both (4); ag: qA + qB built once
+    (read 2, write 1), each iteration reads it once, J read both (2).
+    """
+    passes = 4.0
+    for method in methods:
+        passes += 2
+        if method == "ag":
+            passes += 3 + ag_iterations + 2
+        else:
+            passes += 2 + 4
+    return passes
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+    """Seconds per pair on the whole mesh, estimated (not measured)."""
+
+    tables_seconds: float
+    joints_seconds: float
+    xla_tables_seconds: float | None  # the TPU compiler's own estimate, where it gives one
+
+    @property
+    def seconds_per_pair(self) -> float:
+        return self.tables_seconds + self.joints_seconds
+
+
+def roofline(chip: Chip, dtype: str, *, executed_flops_per_device: float, tables_bytes_per_device: float,
+             table_bytes: int, passes: float, xla_tables_seconds: float | None) -> Estimate | None:
+    """The roofline estimate for one pair, or None without published peaks."""
+    peak = chip.peak_flop_per_s.get(dtype)
+    bandwidth = chip.hbm_bandwidth_bytes_per_s
+    if not peak or not bandwidth:
+        return None
+    tables = max(executed_flops_per_device / peak, tables_bytes_per_device / bandwidth)
+    return Estimate(tables, passes * table_bytes / bandwidth, xla_tables_seconds)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketPlan:
+    """The plan for sentences padded to one length bucket (per device unless named)."""
+
+    length: int
+    bucket: int
+    fits: bool
+    chunk_size: int | None
+    n_chunks: int | None
+    chunk: int | None
+    peak_bytes: int | None
+    peak_program: str | None
+    phases: tuple[Phase, ...]
+    flops_per_pair: int  # counted (jaxjoint.flops.pair_flops)
+    xla_flops_per_pair: float | None  # XLA's count per sequence x 2V, plus the both-masked pass
+    executed_flops_per_pair: float | None  # what the devices run, padded rows included (counted per sequence)
+    ag_bytes_per_iteration: int | None  # the ideal: the local qA + qB table read once
+    estimate: Estimate | None
+    programs: tuple[ProgramCost, ...]
+    next_chunk_up: ProgramCost | None
+    fits_without_prefetch: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanReport:
+    """Everything ``jaxjoint plan`` prints; ``to_json()`` for ``--json``."""
+
+    target: str
+    chip: Chip
+    devices: int
+    hosts: int
+    usable_bytes_per_device: int | None
+    memory_note: str
+    model: str
+    vocab_size: int
+    dtype: str
+    methods: tuple[str, ...]
+    ag_iterations: int
+    prefetch: int
+    params_bytes: int
+    buckets: tuple[BucketPlan, ...]
+    reason: str | None
+    versions: dict[str, str]
+    compile_seconds: float
+
+    @property
+    def fits(self) -> bool:
+        return all(b.fits for b in self.buckets)
+
+    @property
+    def worst(self) -> BucketPlan:
+        """The longest bucket: the one that needs the most."""
+        return max(self.buckets, key=lambda b: b.bucket)
+
+    def to_json(self) -> dict[str, Any]:
+        worst = self.worst
+        est = worst.estimate
+        return {
+            "target": self.target,
+            "chip": self.chip.name,
+            "devices": self.devices,
+            "hosts": self.hosts,
+            "model": self.model,
+            "vocab_size": self.vocab_size,
+            "dtype": self.dtype,
+            "methods": list(self.methods),
+            "ag_iterations": self.ag_iterations,
+            "prefetch": self.prefetch,
+            "fits": self.fits,
+            "reason": self.reason,
+            "chunk_size": worst.chunk_size,
+            "peak_bytes_per_device": worst.peak_bytes if self.fits else max(
+                (b.peak_bytes or 0) for b in self.buckets),
+            "hbm_bytes_per_device": self.chip.memory_bytes,
+            "usable_bytes_per_device": self.usable_bytes_per_device,
+            "usable_memory_note": self.memory_note,
+            "params_bytes": self.params_bytes,
+            "flops_per_pair": worst.flops_per_pair,
+            "xla_flops_per_pair": worst.xla_flops_per_pair,
+            "estimated_seconds_per_pair": None if est is None else est.seconds_per_pair,
+            "estimated_hours_per_1000_pairs": None if est is None else est.seconds_per_pair * 1000 / 3600,
+            "estimate_kind": "estimated (roofline from published peaks; compiled, not run)",
+            "buckets": [_bucket_json(b) for b in self.buckets],
+            "peaks": {"flop_per_s": self.chip.peak_flop_per_s,
+                      "hbm_bytes_per_s": self.chip.hbm_bandwidth_bytes_per_s, "sources": list(self.chip.sources)},
+            "versions": self.versions,
+            "compile_seconds": self.compile_seconds,
+        }
+
+
+def _bucket_json(b: BucketPlan) -> dict[str, Any]:
+    est = b.estimate
+    return {
+        "length": b.length, "bucket": b.bucket, "fits": b.fits, "fits_without_prefetch": b.fits_without_prefetch,
+        "chunk_size": b.chunk_size, "n_chunks": b.n_chunks, "chunk": b.chunk,
+        "peak_bytes_per_device": b.peak_bytes, "peak_program": b.peak_program,
+        "flops_per_pair": b.flops_per_pair, "xla_flops_per_pair": b.xla_flops_per_pair,
+        "executed_flops_per_pair": b.executed_flops_per_pair,
+        "ag_bytes_per_iteration_ideal": b.ag_bytes_per_iteration,
+        "estimated_seconds_per_pair": None if est is None else est.seconds_per_pair,
+        "estimated_tables_seconds": None if est is None else est.tables_seconds,
+        "estimated_joints_metrics_seconds": None if est is None else est.joints_seconds,
+        "xla_estimated_tables_seconds": None if est is None else est.xla_tables_seconds,
+        "phases": [{"program": p.program, "held_bytes": p.held_bytes, "program_bytes": p.program_bytes,
+                    "total_bytes": p.total_bytes} for p in b.phases],
+        "programs": [dataclasses.asdict(p) for p in b.programs],
+        "next_chunk_up": None if b.next_chunk_up is None else dataclasses.asdict(b.next_chunk_up),
+    }
+
+
+def _gib(n: float | None) -> str:
+    return "-" if n is None else f"{n / GIB:.2f} GiB"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.3g} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.3g} min"
+    return f"{seconds / 3600:.3g} h"
+
+
+def format_plan(report: PlanReport) -> str:
+    """The printed plan: a header, one row per length bucket, the verdict."""
+    chip = report.chip
+    lines = [
+        f"plan: {report.model} (V = {report.vocab_size:,}) on {report.target}: {report.devices} x {chip.name}"
+        f"{f' over {report.hosts} hosts' if report.hosts > 1 else ''}, {report.dtype}, "
+        f"methods {','.join(report.methods)}, AG {report.ag_iterations} iterations, prefetch {report.prefetch}",
+        f"memory per device: {_gib(chip.memory_bytes)}, usable {_gib(report.usable_bytes_per_device)} "
+        f"({report.memory_note}); parameters {_gib(report.params_bytes)}",
+        "compiled, not run: memory is XLA's analysis of the compiled programs; times are estimated "
+        "(roofline at published peaks), not measured",
+        "",
+    ]
+    header = ["length", "bucket", "fits", "chunk", "peak/device", "at", "PFLOP/pair", "XLA PFLOP/pair",
+              "est. s/pair", "est. h/1000 pairs"]
+    rows = []
+    for b in report.buckets:
+        est = b.estimate
+        rows.append([
+            str(b.length), str(b.bucket), "yes" if b.fits else "NO",
+            "-" if b.chunk_size is None else f"{b.chunk_size} ({b.n_chunks} x {b.chunk})",
+            _gib(b.peak_bytes), b.peak_program or "-", f"{b.flops_per_pair / 1e15:.3f}",
+            "-" if b.xla_flops_per_pair is None else f"{b.xla_flops_per_pair / 1e15:.3f}",
+            "-" if est is None else f"{est.seconds_per_pair:.3g}",
+            "-" if est is None else f"{est.seconds_per_pair * 1000 / 3600:.3g}",
+        ])
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+    lines.append("")
+    worst = report.worst
+    if worst.estimate is not None:
+        est = worst.estimate
+        xla = "" if est.xla_tables_seconds is None else f"; the TPU compiler's own estimate of the tables stage {_duration(est.xla_tables_seconds)}"
+        lines.append(
+            f"estimated per pair at bucket {worst.bucket}: tables stage {_duration(est.tables_seconds)}, joints and "
+            f"metrics {_duration(est.joints_seconds)}; 1000 pairs {_duration(est.seconds_per_pair * 1000)}{xla}")
+    if worst.ag_bytes_per_iteration:
+        lines.append(f"AG iteration: {_gib(worst.ag_bytes_per_iteration)} per device at the ideal (the local "
+                     f"qA + qB table read once)")
+    lines.append("fits" if report.fits else f"does not fit: {report.reason}")
+    return "\n".join(lines)
+
+
+def write_json(report: PlanReport, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report.to_json(), f, indent=2)
+        f.write("\n")

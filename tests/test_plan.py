@@ -1,0 +1,209 @@
+"""jaxjoint.plan: deviceless targets, compiled memory and FLOPs, the chunk search, fit verdicts.
+
+No GPU or TPU is present: the targets are compile-only devices built by JAX's CUDA
+plugin and libtpu (both in the test install). Compiles for them are slow on a
+small host, so the fast tier compiles a handful of tiny programs; whole plans are
+``slow``. The on-disk cache of analyses is off throughout, so every number here
+comes from a compile made by the test.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jaxjoint.errors import UserError
+from jaxjoint.flops import pair_flops, sequence_flops
+from jaxjoint.models.config import EncoderConfig
+from jaxjoint.plan import cache, fit, format_plan, largest_fitting_chunk, make_plan, planning_config, resolve_target
+from jaxjoint.plan.compile import hlo_cost_analysis, local_rows, xla_cost
+from jaxjoint.plan.hardware import chips
+from jaxjoint.sharding import make_mesh
+from tests.hf_fixtures import hf_config
+
+TINY = EncoderConfig(
+    family="bert", vocab_size=1000, hidden_size=64, embedding_size=64, num_layers=1, num_heads=2,
+    intermediate_size=128, max_positions=64, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu",
+    pad_token_id=0)
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.setenv("JAXJOINT_PLAN_CACHE", "off")
+    cache.clear_memory()
+    yield
+    cache.clear_memory()
+
+
+# --- targets and data ----------------------------------------------------------------
+
+
+def test_gpu_targets_are_compile_only_devices_of_the_named_gpu():
+    one = resolve_target("h100")
+    assert one.device_count == 1 and one.hosts == 1
+    assert one.devices[0].device_kind == "NVIDIA H100 80GB HBM3"
+    # JAX's GPU allocator takes 75% of device memory by default.
+    assert one.usable_bytes_per_device == int(0.75 * 84942979072)
+    eight = resolve_target("h100x8")
+    assert eight.device_count == 8 and eight.hosts == 1
+    sixteen = resolve_target("h200x16")
+    assert sixteen.device_count == 16 and sixteen.hosts == 2
+    assert sixteen.devices[0].device_kind == "NVIDIA H200 141GB HBM3e"
+
+
+def test_tpu_targets_are_libtpu_topologies():
+    v5e = resolve_target("v5e:2x2")
+    assert v5e.device_count == 4 and v5e.devices[0].device_kind == "TPU v5 lite"
+    assert v5e.usable_bytes_per_device == chips()["v5e"].usable_memory_bytes
+    v4 = resolve_target("v4:2x2x1")  # megacore: one device per chip
+    assert v4.device_count == 4
+    single = resolve_target("v5p:1x1x1")
+    assert single.device_count == 1 and single.devices[0].device_kind == "TPU v5"
+
+
+@pytest.mark.parametrize("name", ["h300", "h100x3x", "h100x12", "v5e:3x7", "tpu", ""])
+def test_unknown_targets_are_one_line_user_errors(name):
+    with pytest.raises(UserError) as err:
+        resolve_target(name)
+    assert "\n" not in str(err.value)
+
+
+def test_hardware_files_cite_sources_and_agree_with_the_gpu_descriptions():
+    for chip in chips().values():
+        assert chip.sources and all(chip.sources)
+        assert chip.peak_flop_per_s["bfloat16"] >= chip.peak_flop_per_s["float32"] > 0
+        assert chip.hbm_bandwidth_bytes_per_s > 0 and chip.memory_bytes > 0
+        if chip.platform == "gpu":
+            info = chip.target_config["gpu_device_info"]
+            assert info["device_memory_size"] == chip.memory_bytes
+            # the description's bandwidth is the device query's, within 1% of the datasheet's
+            assert info["memory_bandwidth"] == pytest.approx(chip.hbm_bandwidth_bytes_per_s, rel=0.05)
+        else:
+            assert chip.usable_memory_bytes <= chip.memory_bytes
+
+
+def test_shipped_model_configs_resolve_offline():
+    name, base = planning_config("bert-base-cased")
+    assert (base.vocab_size, base.hidden_size, base.num_layers, base.num_heads, base.intermediate_size) == (
+        28996, 768, 12, 12, 3072)
+    assert planning_config("google-bert/bert-large-cased")[1].num_layers == 24
+    xlmr = planning_config("xlm-roberta-large")[1]
+    assert xlmr.family == "roberta" and xlmr.vocab_size == 250002 and xlmr.padding_aware_positions
+    distil = planning_config("distilbert-base-uncased")[1]
+    assert distil.num_layers == 6 and distil.vocab_size == 30522
+
+
+def test_a_local_directory_plans_from_its_config_json(tmp_path):
+    hf_config("roberta", vocab_size=77, hidden=48).save_pretrained(tmp_path)
+    name, config = planning_config(str(tmp_path))
+    assert config.vocab_size == 77 and config.hidden_size == 48 and config.family == "roberta"
+    with pytest.raises(UserError):
+        planning_config(str(tmp_path / "missing"))
+
+
+def test_unknown_model_offline_is_a_one_line_user_error():
+    with pytest.raises(UserError) as err:
+        planning_config("someone/no-such-model")
+    assert "\n" not in str(err.value)
+
+
+# --- compiled analyses -------------------------------------------------------------------
+
+
+def test_hlo_cost_analysis_detour_counts_a_gpu_matmul():
+    """cost_analysis() is None for the CUDA plugin's compile-only devices; the pinned
+    private detour must still give a matrix product's 2 M N K FLOPs per device."""
+    mesh = resolve_target("h100x2").mesh()
+    rows, rep = NamedSharding(mesh, P("vocab", None)), NamedSharding(mesh, P())
+    compiled = jax.jit(lambda a, b: a @ b, out_shardings=rows).lower(
+        jax.ShapeDtypeStruct((512, 256), jnp.float32, sharding=rows),
+        jax.ShapeDtypeStruct((256, 128), jnp.float32, sharding=rep)).compile()
+    assert compiled.cost_analysis() is None
+    product = 2 * 256 * 256 * 128  # 256 rows per device
+    # the product, plus a few percent of elementwise work around the GEMM fusion
+    assert product <= hlo_cost_analysis(compiled)["flops"] <= 1.02 * product
+    assert xla_cost(compiled) == hlo_cost_analysis(compiled)
+
+
+def test_hlo_cost_analysis_detour_agrees_with_cost_analysis_on_cpu():
+    compiled = jax.jit(lambda a, b: jnp.tanh(a @ b)).lower(
+        jax.ShapeDtypeStruct((64, 32), jnp.float32), jax.ShapeDtypeStruct((32, 16), jnp.float32)).compile()
+    direct = compiled.cost_analysis()
+    direct = direct[0] if isinstance(direct, list) else direct
+    assert hlo_cost_analysis(compiled)["flops"] == direct["flops"]
+
+
+@pytest.mark.parametrize("target", [pytest.param("h100", marks=pytest.mark.slow), "v5e:2x2"])
+def test_tables_program_flops_agree_with_jaxjoint_flops(target):
+    """XLA's count of one chunk (lax.map's body, counted once) over the chunk is the
+    counted FLOPs of a sequence, plus elementwise work (a few percent at this width)."""
+    mesh = resolve_target(target).mesh()
+    cost = fit.tables_cost(mesh, TINY, 16, "float32", 64)
+    n_chunks, chunk = fit.chunking(local_rows(mesh, TINY.vocab_size), 64)
+    ours = sequence_flops(TINY, 16)
+    assert ours <= cost.flops / chunk <= 1.1 * ours
+    # the table this call writes: its rows of float32[Vp, V] on one device, which a
+    # TPU lays out in tiles of 8 x 128
+    rows, v = local_rows(mesh, TINY.vocab_size), TINY.vocab_size
+    assert 4 * rows * v <= cost.output_bytes <= 4 * (-(-rows // 8) * 8) * (-(-v // 128) * 128)
+    assert cost.peak_bytes >= cost.output_bytes + cost.argument_bytes
+
+
+@pytest.mark.slow  # about 6 compiles, 12 s
+def test_chunk_found_by_compiling_is_the_largest_that_fits():
+    """Budget between what 8 and what every row at once need: the search must land
+    on a chunk that fits whose next size up (compiled afresh) does not."""
+    mesh = make_mesh(jax.devices()[:1])
+    config = EncoderConfig(**{**TINY.__dict__, "vocab_size": 2000})
+    small = fit.tables_cost(mesh, config, 16, "float32", 8)
+    large = fit.tables_cost(mesh, config, 16, "float32", 2000)
+    need_small = small.peak_bytes + small.output_bytes
+    need_large = large.peak_bytes + large.output_bytes
+    assert need_large > need_small
+    budget = need_small + (need_large - need_small) // 3
+    choice = largest_fitting_chunk(mesh, config, 16, "float32", budget_bytes=budget)
+    assert choice is not None and choice.chunk_size % 8 == 0 and 8 < choice.chunk_size < 2000
+    cache.clear_memory()
+    assert fit.tables_fit(fit.tables_cost(mesh, config, 16, "float32", choice.chunk_size), budget)
+    assert not fit.tables_fit(fit.tables_cost(mesh, config, 16, "float32", choice.chunk_size + 8), budget)
+    assert choice.compiles <= 6, choice.compiles
+    assert largest_fitting_chunk(mesh, config, 16, "float32", budget_bytes=need_small - 1) is None
+
+
+# --- whole plans (slow: a dozen compiles each) -----------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["v5e:2x2", "h100"])
+def test_small_model_plan_fits(target, tmp_path):
+    report = make_plan(target, TINY, lengths=[16], dtype="bfloat16", methods=("mrf", "ag"))
+    assert report.fits and report.reason is None
+    data = report.to_json()
+    assert data["peak_bytes_per_device"] <= data["hbm_bytes_per_device"]
+    assert data["peak_bytes_per_device"] <= report.usable_bytes_per_device
+    assert data["flops_per_pair"] == pair_flops(TINY, 16)
+    assert pair_flops(TINY, 16) <= data["xla_flops_per_pair"] <= 1.1 * pair_flops(TINY, 16)
+    # no faster than every chip at its peak allows
+    floor = pair_flops(TINY, 16) / (report.devices * report.chip.peak_flop_per_s["bfloat16"])
+    assert data["estimated_seconds_per_pair"] >= floor
+    for key in ("target", "devices", "fits", "reason", "chunk_size", "peak_bytes_per_device",
+                "hbm_bytes_per_device", "flops_per_pair", "estimated_seconds_per_pair"):
+        assert key in data
+    json.dumps(data)
+    text = format_plan(report)
+    assert "estimated" in text and "compiled, not run" in text
+
+
+@pytest.mark.slow
+def test_a_model_that_cannot_fit_says_why_in_one_line():
+    """A 250,002-token vocabulary: one pair's tables are 500 GB, past one H100."""
+    config = EncoderConfig(**{**TINY.__dict__, "vocab_size": 250002})
+    report = make_plan("h100", config, lengths=[16], methods=("mrf",), suggest=False)
+    assert not report.fits
+    assert report.reason and "\n" not in report.reason
+    assert "500.0 GB" in report.reason and "H100" in report.reason
+    assert report.to_json()["peak_bytes_per_device"] > report.usable_bytes_per_device
