@@ -3,7 +3,8 @@
 Each subcommand is a thin layer: its flags come from the config declaration
 (``config.add_arguments``), its work from the library. Errors a user can fix are
 one line on stderr (``jaxjoint: error: ...``) and exit status 2; an interrupt
-exits 130 after saying how to resume. A process of a multi-process run that lost
+(Ctrl-C) exits 130 and SIGTERM (a preempted VM, a SLURM time limit) 143, each
+after saying how to resume. A process of a multi-process run that lost
 another process, was interrupted, or hit an unexpected error exits at once
 (``distributed.exit_now``). Importing this module loads no model, no training
 code and no PyTorch: subcommands import what they need when they run.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
@@ -43,6 +45,14 @@ def _config(args: argparse.Namespace) -> EvalConfig:
 # --- evaluate ---------------------------------------------------------------------------
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Python next runs so that it stops a run as Ctrl-C does."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def _run_evaluate(args: argparse.Namespace) -> int:
     import jax
 
@@ -58,18 +68,20 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     else:
         distributed.initialize(*launch)
     pairs_file = f"{config.out}/pairs.jsonl"
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         evaluate(config, quiet=args.quiet)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:
+        what, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         if not distributed.is_initialized():
-            print(f"\njaxjoint: interrupted; {count_pairs(config.out)} finished pairs are saved in {pairs_file}; "
+            print(f"\njaxjoint: {what}; {count_pairs(config.out)} finished pairs are saved in {pairs_file}; "
                   "run the same command again to resume", file=sys.stderr)
-            return 130
+            return code
         saved = f"{count_pairs(config.out)} finished pairs are saved" if jax.process_index() == 0 else (
             "process 0 keeps the finished pairs")
-        print(f"\njaxjoint: interrupted; {saved} in {pairs_file}; "
+        print(f"\njaxjoint: {what}; {saved} in {pairs_file}; "
               "run the same command on every process to resume", file=sys.stderr)
-        distributed.exit_now(130)
+        distributed.exit_now(code)
     except UserError:
         raise
     except Exception:
@@ -79,6 +91,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             traceback.print_exc()
             distributed.exit_now(1)
         raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     return 0
 
 

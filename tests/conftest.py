@@ -21,6 +21,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def sentences(tmp_path_factory):
+    """A .txt data file of 100 sentences of 4-12 words from the test vocabulary."""
+    import random
+
+    from tests.words import WORDS
+
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("sentences") / "many.txt"
+    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(4, 12))) for _ in range(100)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
 def sharp_ckpt(tmp_path_factory):
     """A tiny BERT checkpoint (V = 53) with peaked conditionals, so the joint methods
     differ measurably: the model of the end-to-end, CLI and multi-process tests."""

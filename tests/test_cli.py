@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import re
 import signal
 import subprocess
@@ -17,19 +16,9 @@ from jaxjoint import UserError, cli, load_mlm, scoring
 from jaxjoint.cli import build_parser, main
 from jaxjoint.config import KEYS, read_config_file, resolve_config
 from jaxjoint.explain import explain_pair
-from tests.words import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "jaxjoint.cli"]
-
-
-@pytest.fixture(scope="module")
-def sentences(tmp_path_factory):
-    """100 sentences of 4-12 words, all in the first length bucket."""
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("cli_data") / "many.txt"
-    path.write_text("\n".join(" ".join(rng.choices(WORDS, k=rng.randint(4, 12))) for _ in range(100)) + "\n")
-    return path
 
 
 def run_args(sharp_ckpt, data, out, *extra):

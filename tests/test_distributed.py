@@ -25,7 +25,6 @@ from tests.words import WORDS
 REPO = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "jaxjoint.cli"]
 WAIT_S = 300  # bound on any one run, so that a hang fails the test instead of stalling CI
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +117,7 @@ def reference(setup, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_pairs_mode_writes_what_one_process_writes(setup, reference, tmp_path):
     out = tmp_path / "run"
     for code, stderr in finish(start(setup, out, "pairs")):
@@ -130,6 +130,7 @@ def test_pairs_mode_writes_what_one_process_writes(setup, reference, tmp_path):
     assert summary["config"]["distributed"] == "pairs"
 
 
+@pytest.mark.slow
 def test_global_mode_matches_one_process(setup, reference, tmp_path):
     # HCB gathers a pivot row across processes and AG all-reduces in its loop; the
     # other methods share their streaming passes. Two methods keep the compile short.
@@ -189,6 +190,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow
 def test_failures_stop_the_run_and_restarts_complete_it(setup, tmp_path):
     """An error on one process, then a killed process, then a restart that completes the run."""
     methods = ("--methods", "mlm,ag")  # fewer programs for process 1 to compile
@@ -238,6 +240,7 @@ def test_failures_stop_the_run_and_restarts_complete_it(setup, tmp_path):
         (reference / "summary.json").read_text())["methods"]
 
 
+@pytest.mark.slow
 def test_an_error_on_one_process_stops_all_with_one_line(setup, tmp_path):
     """Errors found while loading are exchanged: every process names the one that failed."""
     missing = start(setup, tmp_path / "a", "pairs", extra=((), ("--model", str(tmp_path / "no_model"))))
@@ -252,6 +255,34 @@ def test_an_error_on_one_process_stops_all_with_one_line(setup, tmp_path):
         assert re.fullmatch(r"jaxjoint: error: process 1 made other pairs, or has another model or settings, "
                             r"than process 0; .*", error_line(stderr)), stderr
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_stops_every_process_and_a_restart_completes_the_run(setup, reference, tmp_path):
+    """A preempted job: every process gets SIGTERM (as SLURM and TPU VMs send it)."""
+    out = tmp_path / "run"
+    pairs = out / "pairs.jsonl"
+    procs = start(setup, out, "pairs")
+    deadline = time.monotonic() + WAIT_S
+    try:
+        while not (pairs.exists() and pairs.read_bytes().count(b"\n") >= 2):
+            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            assert time.monotonic() < deadline, "no round finished in time"
+            time.sleep(0.005)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+    finally:
+        results = finish(procs, timeout=120)
+    done = len(records(out))
+    resume = "; run the same command on every process to resume"
+    for k, (code, stderr) in enumerate(results):
+        assert code == 143, stderr
+        saved = f"{done} finished pairs are saved" if k == 0 else "process 0 keeps the finished pairs"
+        assert jaxjoint_lines(stderr)[-1] == f"jaxjoint: terminated (SIGTERM); {saved} in {pairs}{resume}", stderr
+    assert 2 <= done < 24 and not (out / "summary.json").exists()
+    for code, stderr in finish(start(setup, out, "pairs")):
+        assert code == 0, stderr
+    assert records(out) == records(reference)
 
 
 @pytest.mark.parametrize("extra,message", [

@@ -132,8 +132,13 @@ def test_bfloat16_tables_close_to_float32(mlm):
 
 
 def test_buckets_and_chunk_budget(mlm):
-    assert bucket_length(7, 512) == 16 and bucket_length(16, 512) == 16 and bucket_length(17, 512) == 32
-    assert bucket_length(40, 40) == 40
+    # Issue 15 replaced the powers of two (7 -> 16, 17 -> 32) by multiples of 8 up to 128.
+    assert bucket_length(7, 512) == 8 and bucket_length(16, 512) == 16 and bucket_length(17, 512) == 24
+    assert bucket_length(40, 40) == 40 and bucket_length(33, 36) == 36
+    assert all(0 <= bucket_length(n, 512) - n < 8 for n in range(1, 129))
+    assert all(0 <= bucket_length(n, 512) - n < 0.25 * n for n in range(129, 513))
+    assert bucket_length(600, 1026) == 640 and bucket_length(1000, 1026) == 1024 and bucket_length(1025, 1026) == 1026
+    assert len({bucket_length(n, 512) for n in range(1, 513)}) == 16 + 4 + 4
     with pytest.raises(UserError, match="exceeds"):
         bucket_length(513, 512)
     small = default_chunk_size(mlm.config, 32, "float32", 1 << 20)

@@ -7,19 +7,28 @@ A directory holds:
   soon as the pair is done, so a killed run loses at most the pair in flight; in
   sentence order once the run is complete;
 - ``summary.json``, ``summary.md``, ``summary.csv``: written when all pairs are done
-  (``reports``).
+  (``reports``);
+- ``.jaxjoint.lock``: locked (``flock``) by the run using the directory, and naming
+  its host and pid. The operating system drops the lock when that process ends,
+  however it ends, so a killed run never leaves a stale lock behind.
 
 Running again with the same directory resumes: finished pairs are kept, a torn
-last line (a kill during the write) is dropped and that pair recomputed, and a
-run whose config differs in a setting that changes the records
-(``config.result_settings``) is refused. Every file but ``pairs.jsonl`` is
-replaced atomically, so a kill leaves the old or the new file, never half.
+last line (a kill during the write) is dropped and that pair recomputed, a
+sentence recorded twice is kept once, and a run whose config differs in a setting
+that changes the records (``config.result_settings``) is refused. Every file but
+``pairs.jsonl`` is replaced atomically, so a kill leaves the old or the new file,
+never half. A failed write (a full disk, a quota, an I/O error, a read-only
+remount) ends the run with one line; the finished pairs stay valid.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +40,7 @@ from jaxjoint.errors import UserError
 CONFIG_FILE = "config.yaml"
 PAIRS_FILE = "pairs.jsonl"
 SUMMARY_FILES = ("summary.json", "summary.md", "summary.csv")
+LOCK_FILE = ".jaxjoint.lock"
 _RECORD_KEYS = {"index", "text", "input_ids", "positions", "gold", "metrics", "mlm_unary_u_nll"}
 
 Record = dict[str, Any]
@@ -66,32 +76,98 @@ def count_pairs(out: str | Path) -> int:
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` by ``text`` so that a kill leaves the old or the new file, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_all_atomic({path: text})
+
+
+def write_all_atomic(files: dict[Path, str]) -> None:
+    """Replace each file by its text, all or none: every new file is written and
+    fsynced beside its target first, then each is renamed over it (a rename needs
+    no space), so a full disk leaves every old file as it was. ``OSError`` on failure,
+    with the temporary files removed."""
+    written = []
+    try:
+        for path, text in files.items():
+            tmp = path.with_name(path.name + ".tmp")
+            written.append(tmp)
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+    except BaseException:
+        for tmp in written:
+            tmp.unlink(missing_ok=True)
+        raise
+    for path, tmp in zip(files, written):
+        os.replace(tmp, path)
+
+
+def _unique(records: list[Record]) -> list[Record]:
+    """``records`` with each sentence index kept once, at its first line."""
+    first: dict[int, Record] = {}
+    for record in records:
+        first.setdefault(record["index"], record)
+    return list(first.values())
 
 
 class PairWriter:
-    """Appends records to ``pairs.jsonl``, each one durable before the next pair starts."""
+    """Appends records to ``pairs.jsonl``, each one durable before the next pair starts.
 
-    def __init__(self, path: Path):
-        _, end = read_pairs(path)
+    failure: turns an ``OSError`` into the run's one-line error (``RunDir.write_failure``).
+    """
+
+    def __init__(self, path: Path, failure: Callable[[OSError, Path], UserError]):
+        self.path, self._failure = path, failure
+        _, self._end = read_pairs(path)
         self._file = open(path, "ab")
-        if self._file.tell() != end:  # a torn last line
-            self._file.truncate(end)
-            self._file.seek(end)
-            os.fsync(self._file.fileno())
+        if self._file.tell() != self._end:  # a torn last line
+            self._truncate()
 
     def append(self, record: Record) -> None:
-        self._file.write((json.dumps(record) + "\n").encode("utf-8"))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Write one record and fsync it. When the write fails the file is cut back to
+        its last whole record, as far as the disk allows, and ``UserError`` says so."""
+        try:
+            self._file.write((json.dumps(record) + "\n").encode("utf-8"))
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as err:
+            self._truncate()
+            raise self._failure(err, self.path) from None
+        self._end = self._file.tell()
+
+    def _truncate(self) -> None:
+        try:
+            self._file.truncate(self._end)
+            self._file.seek(self._end)
+            os.fsync(self._file.fileno())
+        except OSError:
+            pass  # a torn last line is dropped when the run resumes
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:
+            pass  # every record was flushed and fsynced by append
+
+
+class RunLock:
+    """This process's lock on a run directory (``RunDir.lock``)."""
+
+    def __init__(self, fd: int, path: Path, created: list[Path]):
+        self._fd, self._path, self._created = fd, path, created
+
+    def release(self) -> None:
+        """Drop the lock. When acquiring it created the directory and nothing else
+        was written there since, remove the lock file and the directories again, so
+        that a run stopped by bad input leaves nothing behind."""
+        try:
+            if self._created and [p.name for p in self._path.parent.iterdir()] == [LOCK_FILE]:
+                self._path.unlink()
+                for directory in reversed(self._created):
+                    directory.rmdir()
+        except OSError:
+            pass
+        finally:
+            os.close(self._fd)
 
 
 class RunDir:
@@ -100,10 +176,38 @@ class RunDir:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.pairs_path = self.path / PAIRS_FILE
+        self._duplicates = 0
+
+    def lock(self) -> RunLock:
+        """Take the directory for this run, creating it if needed; ``UserError`` naming
+        the holder (host, pid) when another live run has it. Hold it for the whole run."""
+        self._check_writable()
+        created = [p for p in (self.path, *self.path.parents) if not p.exists()][::-1]
+        path = self.path / LOCK_FILE
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"cannot create {path} ({err.strerror}); give another --out") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode("utf-8", "replace").strip() or "a process that just started"
+            os.close(fd)
+            raise UserError(f"{self.path} is in use by another jaxjoint run ({holder}); wait for it to finish, "
+                            "or give another --out") from None
+        lock = RunLock(fd, path, created)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"host {socket.gethostname()}, pid {os.getpid()}\n".encode(), 0)
+        except OSError as err:
+            lock.release()
+            raise UserError(f"cannot write {path} ({err.strerror}); free space or give another --out") from None
+        return lock
 
     def finished_records(self, config: EvalConfig) -> list[Record]:
-        """The finished records here, after checking the directory can hold this
-        run's results and belongs to no other run. Writes nothing."""
+        """The finished records here, each sentence once, after checking that the
+        directory can hold this run's results and belongs to no other run. Writes nothing."""
         self._check_writable()
         stored_path = self.path / CONFIG_FILE
         if not stored_path.is_file():
@@ -123,7 +227,10 @@ class RunDir:
             raise UserError(
                 f"{self.path} holds a run with another config ({k}: {theirs.get(k)!r} there, {ours.get(k)!r} now); "
                 "use a new --out, or the same settings to resume")
-        return read_pairs(self.pairs_path)[0]
+        records = read_pairs(self.pairs_path)[0]
+        unique = _unique(records)
+        self._duplicates = len(records) - len(unique)
+        return unique
 
     def _check_writable(self) -> None:
         """``UserError`` unless the directory is, or can be made as, a writable directory."""
@@ -137,10 +244,19 @@ class RunDir:
             raise UserError(f"--out {self.path}: {existing} is not writable; give another directory")
 
     def start(self, config: EvalConfig) -> PairWriter:
-        """Create the directory, store ``config`` and open ``pairs.jsonl`` for appending."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
-        return PairWriter(self.pairs_path)
+        """Store ``config`` and open ``pairs.jsonl`` for appending, first rewriting it
+        without the repeated sentences ``finished_records`` found (and saying so)."""
+        try:
+            write_atomic(self.path / CONFIG_FILE, yaml.safe_dump(config.to_dict(), sort_keys=False))
+            if self._duplicates:
+                write_atomic(self.pairs_path, "".join(json.dumps(r) + "\n" for r in
+                                                      _unique(read_pairs(self.pairs_path)[0])))
+                print(f"jaxjoint: {self.pairs_path} recorded {self._duplicates} sentence(s) twice; "
+                      "kept each once", file=sys.stderr)
+                self._duplicates = 0
+            return PairWriter(self.pairs_path, self.write_failure)
+        except OSError as err:
+            raise self.write_failure(err) from None
 
     def sort_pairs(self) -> None:
         """Put the records of ``pairs.jsonl`` in sentence order. They are out of order
@@ -150,9 +266,25 @@ class RunDir:
         indices = [r["index"] for r in records]
         if indices != sorted(indices):
             ordered = sorted(records, key=lambda r: r["index"])
-            write_atomic(self.pairs_path, "".join(json.dumps(r) + "\n" for r in ordered))
+            try:
+                write_atomic(self.pairs_path, "".join(json.dumps(r) + "\n" for r in ordered))
+            except OSError as err:
+                raise self.write_failure(err) from None
 
     def write_files(self, files: dict[str, str]) -> None:
-        """Write each ``{name: text}`` atomically (the summaries)."""
-        for name, text in files.items():
-            write_atomic(self.path / name, text)
+        """Write each ``{name: text}`` atomically, all or none (the summaries)."""
+        try:
+            write_all_atomic({self.path / name: text for name, text in files.items()})
+        except OSError as err:
+            raise self.write_failure(err) from None
+
+    def write_failure(self, err: OSError, path: Path | None = None) -> UserError:
+        """The one-line error of a failed write: what failed, what is safe, what to do."""
+        what = err.filename or path or self.path
+        try:
+            saved = f"{count_pairs(self.path)} finished pairs are"
+        except OSError:
+            saved = "the finished pairs are"
+        return UserError(f"cannot write {what} ({err.strerror or err}); {saved} safe in {self.pairs_path}; "
+                         "free space (or fix the disk, or copy the directory elsewhere and use it as --out) "
+                         "and run the same command again to resume")

@@ -50,6 +50,17 @@ def evaluate(config: EvalConfig, *, quiet: bool = False) -> dict[str, Any]:
         raise ValueError("config.out is None; build the config with resolve_config or give out=DIR")
     rundir = RunDir(config.out)
     procs = processes(config.distributed)
+    # Process 0 holds the directory for the whole run, before it reads anything there.
+    lock = procs.agree(lambda: rundir.lock() if procs.leader else None)
+    try:
+        return _run(config, rundir, procs, quiet)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(config: EvalConfig, rundir: RunDir, procs: Processes, quiet: bool) -> dict[str, Any]:
+    """``evaluate`` once the run directory is this run's."""
     run = procs.agree(lambda: _load_run(config, rundir, read_out=procs.leader))
     shared = procs.gather({
         "fingerprint": _fingerprint(config, run),

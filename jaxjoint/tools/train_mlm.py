@@ -39,11 +39,9 @@ from jaxjoint.models import bert
 from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.checkpoint import save_checkpoint
 from jaxjoint.models.config import EncoderConfig
+from jaxjoint.tables import bucket_length
 
 Params = Any
-# Sequences are padded up to the smallest bucket that holds them: few shapes to
-# compile, and little compute spent on padding (most lines are 10-25 tokens).
-BUCKETS = (16, 24, 32, 48, 64, 128)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,13 +106,6 @@ def tokenize_lines(tokenizer: Any, lines: Sequence[str], max_length: int) -> lis
     return [np.asarray(ids, np.int32) for ids in enc["input_ids"]]
 
 
-def _bucket_of(length: int, max_length: int) -> int:
-    for b in BUCKETS:
-        if length <= b:
-            return min(b, max_length)
-    return max_length
-
-
 def max_masked(bucket: int, mask_prob: float) -> int:
     """K: masked slots per row for sequences of at most ``bucket`` tokens."""
     return max(1, math.ceil(mask_prob * (bucket - 2)))
@@ -175,7 +166,7 @@ def epoch_batches(
     """
     by_bucket: dict[int, list[int]] = {}
     for i, s in enumerate(data):
-        by_bucket.setdefault(_bucket_of(len(s), config.max_length), []).append(i)
+        by_bucket.setdefault(bucket_length(len(s), config.max_length), []).append(i)
     plan = []
     for bucket in sorted(by_bucket):
         idx = np.asarray(by_bucket[bucket])
