@@ -13,12 +13,13 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = Any
 INIT = nn.initializers.normal(stddev=0.02)  # BERT's initializer range
 # Added to the scores of masked keys. Finite, like the PyTorch models' additive
 # masks, so a row whose keys are all masked stays finite (it attends uniformly).
-MASKED = float(jnp.finfo(jnp.float32).min)
+MASKED = float(np.finfo(np.float32).min)
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
