@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from jaxjoint import default
-from jaxjoint.data import MASKINGS, is_data_name
+from jaxjoint.data import EMBEDDED_SAMPLE, MASKINGS, default_limit, is_data_name
 from jaxjoint.errors import UserError
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
 from jaxjoint.models.mlm import DTYPES
@@ -68,7 +68,8 @@ class EvalConfig:
                        kind="source", metavar="NAME|PATH", result=True, per_host=True, commands=("evaluate",))
     masking: str = option("random", "how the two positions are drawn: random or contiguous (DESIGN.md §2)",
                           kind="choice", choices=MASKINGS, metavar="KIND", result=True, commands=("evaluate",))
-    max_sentences: int | None = option(None, "use the first N sentences (default all)", kind="int", minimum=1,
+    max_sentences: int | None = option(None, "use the first N sentences (default all; the first "
+                                       f"{EMBEDDED_SAMPLE} of an embedded set)", kind="int", minimum=1,
                                        metavar="N", per_host=True, commands=("evaluate",))
     seed: int = option(0, "seed of the masked positions, drawn per sentence from (seed, index)", kind="int",
                        minimum=0, metavar="S", result=True, commands=("evaluate",))
@@ -196,6 +197,8 @@ def resolve_config(*layers: Mapping[str, Any]) -> EvalConfig:
             if value is not None:
                 merged[key] = value
     config = EvalConfig(**{key: check_value(key, value) for key, value in merged.items()})
+    if config.max_sentences is None:
+        config = dataclasses.replace(config, max_sentences=default_limit(config.data))
     if config.out is None:
         config = dataclasses.replace(config, out=_absolute("path", default_out(config)))
     return config

@@ -35,6 +35,9 @@ LOCAL_SETS = {"default": SENTENCE_FILES["short"], "default-news": SENTENCE_FILES
 HUB_SETS = {"snli": "stanfordnlp/snli", "xsum": "EdinburghNLP/xsum"}
 DATA_NAMES = (*LOCAL_SETS, *HUB_SETS)
 MAX_TOKENS = 512  # the paper truncates every sentence to 512 tokens
+# An embedded set is scored on its first sentences only unless a count is given,
+# so that the README's first command answers in a few minutes on a laptop CPU.
+EMBEDDED_SAMPLE = 60
 # The paper's preprocessing joins SNLI rows in blocks of this many: the block's
 # premises, then its hypotheses. The sentence order, and so "the first 1000
 # sentences", depends on it.
@@ -66,6 +69,12 @@ class MaskedPair:
 def is_data_name(data: str) -> bool:
     """True for the built-in data names (``DATA_NAMES``), False for paths."""
     return data in DATA_NAMES
+
+
+def default_limit(data: str) -> int | None:
+    """How many sentences of ``data`` a run takes when no count is given:
+    ``EMBEDDED_SAMPLE`` of an embedded set, all of anything else."""
+    return EMBEDDED_SAMPLE if data in LOCAL_SETS else None
 
 
 def load_sentences(data: str, limit: int | None = None) -> list[str]:

@@ -201,6 +201,18 @@ def test_value_forms():
     assert resolve_config({}).ag_options() == {"iters": 40}
 
 
+def test_embedded_sets_default_to_a_sample(tmp_path):
+    """The first command answers in minutes: an embedded set runs its first sentences
+    unless a count is given; other data runs whole."""
+    from jaxjoint.data import EMBEDDED_SAMPLE
+
+    assert resolve_config({}).max_sentences == EMBEDDED_SAMPLE < 300
+    assert resolve_config({"data": "default-news"}).max_sentences == EMBEDDED_SAMPLE
+    assert resolve_config({"max_sentences": 300}).max_sentences == 300
+    assert resolve_config({"data": str(tmp_path / "mine.txt")}).max_sentences is None
+    assert resolve_config({"data": "snli"}).max_sentences is None
+
+
 def test_shipped_configs():
     files = sorted((REPO / "configs").glob("*.yaml"))
     configs = {f.stem: resolve_config(read_config_file(f)) for f in files}
