@@ -260,7 +260,7 @@ def test_unsupported_model_type_lists_every_family():
      r"model\.layers\.0\.mlp\.Wi\.weight has shape \[96, 32\], but config.json implies \[80, 32\]"),
     (make_esm_checkpoint,
      r"esm\.encoder\.layer\.0\.intermediate\.dense\.weight has shape \[48, 32\], but config.json implies \[40, 32\]"),
-])
+], ids=["modernbert", "esm"])
 def test_config_that_does_not_match_the_weights(tmp_path, make, tensor):
     directory = make(tmp_path / "m", layers=2)
     config = json.loads((directory / "config.json").read_text())
