@@ -79,7 +79,8 @@ def test_logits_match_transformers(mlm):
 
 @pytest.mark.parametrize("name, n", [("default", 60), ("default-news", 30)])
 def test_heldout_accuracy_beats_unigram(mlm, name, n):
-    from jaxjoint.tools.train_mlm import SpecialIds, pseudo_likelihood, tokenize_lines
+    from jaxjoint.tools.heldout import pseudo_likelihood
+    from jaxjoint.tools.mlm_batches import SpecialIds, tokenize_lines
 
     # A fixed sample of about 650 tokens; the full-set numbers are in MODEL_CARD.md.
     sequences = tokenize_lines(mlm.tokenizer, load_sentences(name)[:n], mlm.config.max_positions)

@@ -16,15 +16,8 @@ import pytest
 
 from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.tools import corpus
-from jaxjoint.tools.train_mlm import (
-    SpecialIds,
-    TrainConfig,
-    _save,
-    add_parser,
-    mask_batch,
-    tokenize_lines,
-    train,
-)
+from jaxjoint.tools.mlm_batches import SpecialIds, mask_batch, tokenize_lines
+from jaxjoint.tools.train_mlm import TrainConfig, _save, add_parser, train
 
 NOUNS = ["cat", "dog", "bird", "child", "farmer", "teacher", "horse", "river"]
 VERBS = ["sees", "likes", "follows", "finds", "feeds", "hears"]

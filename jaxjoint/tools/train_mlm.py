@@ -22,10 +22,9 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +38,8 @@ from jaxjoint.models import bert
 from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.checkpoint import save_checkpoint
 from jaxjoint.models.config import EncoderConfig
-from jaxjoint.tables import bucket_length
+from jaxjoint.tools.heldout import heldout_report, unigram_log_probs
+from jaxjoint.tools.mlm_batches import SpecialIds, epoch_batches, fixed_eval_batches, tokenize_lines
 
 Params = Any
 
@@ -79,104 +79,6 @@ class TrainConfig:
             hidden_act="gelu",
             pad_token_id=pad_token_id,
         )
-
-
-@dataclasses.dataclass(frozen=True)
-class SpecialIds:
-    """Token ids the masking needs."""
-
-    pad: int
-    cls: int
-    sep: int
-    mask: int
-    unk: int
-
-    @classmethod
-    def of(cls, tokenizer: Any) -> SpecialIds:
-        return cls(tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id,
-                   tokenizer.mask_token_id, tokenizer.unk_token_id)
-
-    def all(self) -> tuple[int, ...]:
-        return (self.pad, self.cls, self.sep, self.mask, self.unk)
-
-
-def tokenize_lines(tokenizer: Any, lines: Sequence[str], max_length: int) -> list[np.ndarray]:
-    """Token ids ``[CLS] ... [SEP]`` of each line, truncated to ``max_length``: list of int32[n_i]."""
-    enc = tokenizer(list(lines), add_special_tokens=True, truncation=True, max_length=max_length)
-    return [np.asarray(ids, np.int32) for ids in enc["input_ids"]]
-
-
-def max_masked(bucket: int, mask_prob: float) -> int:
-    """K: masked slots per row for sequences of at most ``bucket`` tokens."""
-    return max(1, math.ceil(mask_prob * (bucket - 2)))
-
-
-def mask_batch(
-    seqs: Sequence[np.ndarray],
-    length: int,
-    rows: int,
-    rng: np.random.Generator,
-    special: SpecialIds,
-    vocab_size: int,
-    mask_prob: float,
-) -> dict[str, np.ndarray]:
-    """Pad ``seqs`` into one batch and apply BERT masking.
-
-    Returns input_ids, attention_mask: int32[rows, length]; positions, labels:
-    int32[rows, K]; weights: float32[rows, K] (1 for a real target, 0 for a
-    padded slot or a padded row). Each sequence gets ``round(mask_prob * n)``
-    targets (at least one) among its n non-special tokens.
-    """
-    k = max_masked(length, mask_prob)
-    ids = np.full((rows, length), special.pad, np.int32)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = s
-    attention = (ids != special.pad).astype(np.int32)
-    candidate = np.isin(ids, special.all(), invert=True)
-    n_real = candidate.sum(1)
-    n_mask = np.where(n_real > 0, np.maximum(1, np.rint(mask_prob * n_real)), 0).astype(np.int64)
-    n_mask = np.minimum(n_mask, k)
-    # A uniform random order of the candidates, specials pushed to the end.
-    keys = np.where(candidate, rng.random(ids.shape), np.inf)
-    positions = np.argsort(keys, axis=1, kind="stable")[:, :k].astype(np.int32)
-    weights = (np.arange(k)[None, :] < n_mask[:, None]).astype(np.float32)
-    positions = np.where(weights > 0, positions, 0)
-    labels = np.take_along_axis(ids, positions, axis=1)
-    action = rng.random(positions.shape)
-    random_tokens = rng.integers(len(special.all()), vocab_size, positions.shape, dtype=np.int32)
-    row = np.arange(rows)[:, None]
-    replaced = np.where(action < 0.8, special.mask, np.where(action < 0.9, random_tokens, labels))
-    corrupted = ids.copy()
-    live = weights > 0
-    corrupted[row.repeat(k, 1)[live], positions[live]] = replaced[live]
-    return dict(input_ids=corrupted, attention_mask=attention, positions=positions,
-                labels=labels, weights=weights)
-
-
-def epoch_batches(
-    data: Sequence[np.ndarray],
-    config: TrainConfig,
-    rng: np.random.Generator,
-    special: SpecialIds,
-) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over ``data`` in length-bucketed, shuffled, freshly masked batches.
-
-    Every batch of a bucket has the same shape (the last one padded with empty
-    rows of weight 0), so the train step compiles once per bucket.
-    """
-    by_bucket: dict[int, list[int]] = {}
-    for i, s in enumerate(data):
-        by_bucket.setdefault(bucket_length(len(s), config.max_length), []).append(i)
-    plan = []
-    for bucket in sorted(by_bucket):
-        idx = np.asarray(by_bucket[bucket])
-        rng.shuffle(idx)
-        rows = max(1, config.batch_tokens // bucket)
-        plan += [(bucket, rows, idx[j : j + rows]) for j in range(0, len(idx), rows)]
-    for o in rng.permutation(len(plan)):
-        bucket, rows, idx = plan[o]
-        yield mask_batch([data[i] for i in idx], bucket, rows, rng, special,
-                         config.vocab_size, config.mask_prob)
 
 
 def lr_schedule(config: TrainConfig) -> optax.Schedule:
@@ -242,14 +144,6 @@ def make_eval_fn(module: MaskedLMModule):
         return loss * jnp.maximum(n, 1.0), correct, n
 
     return evaluate
-
-
-def fixed_eval_batches(
-    data: Sequence[np.ndarray], config: TrainConfig, special: SpecialIds, seed: int = 1234
-) -> list[dict[str, np.ndarray]]:
-    """Validation batches with one fixed masking, so numbers compare across steps."""
-    rng = np.random.default_rng(seed)
-    return list(epoch_batches(data, dataclasses.replace(config, seed=seed), rng, special))
 
 
 @functools.lru_cache(maxsize=8)
@@ -337,79 +231,6 @@ def train(
         epoch += 1
     bar.close()
     return jax.tree_util.tree_map(np.asarray, params), history
-
-
-def pseudo_likelihood(
-    module: MaskedLMModule,
-    params: Params,
-    sequences: Sequence[np.ndarray],
-    special: SpecialIds,
-    batch_size: int = 256,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Mask every non-special token of every sequence, one at a time.
-
-    Returns (log-probabilities float64[T], top-1 correct bool[T], gold ids int[T])
-    over all T non-special tokens: the ingredients of pseudo-perplexity
-    ``exp(-mean log p)`` and masked-token accuracy.
-    """
-    length = max(len(s) for s in sequences)
-    rows, pos, gold = [], [], []
-    for s in sequences:
-        for i, t in enumerate(s):
-            if t in special.all():
-                continue
-            x = np.full(length, special.pad, np.int32)
-            x[: len(s)] = s
-            x[i] = special.mask
-            rows.append(x), pos.append(i), gold.append(t)
-    ids, pos, gold = np.stack(rows), np.asarray(pos, np.int32), np.asarray(gold, np.int32)
-    fn = jax.jit(lambda p, x, q: jax.nn.log_softmax(
-        module.apply({"params": p}, x, (x != special.pad).astype(jnp.int32), q[:, None])[:, 0], -1))
-    logps, correct = [], []
-    for j in range(0, len(ids), batch_size):
-        x, q, g = ids[j : j + batch_size], pos[j : j + batch_size], gold[j : j + batch_size]
-        n = len(x)
-        if n < batch_size:  # keep one compiled shape
-            x = np.concatenate([x, np.repeat(x[:1], batch_size - n, 0)])
-            q = np.concatenate([q, np.repeat(q[:1], batch_size - n)])
-        lp = np.asarray(fn(params, x, q))[:n]
-        logps.append(lp[np.arange(n), g])
-        correct.append(lp.argmax(-1) == g)
-    return np.concatenate(logps).astype(np.float64), np.concatenate(correct), gold
-
-
-def unigram_log_probs(data: Sequence[np.ndarray], vocab_size: int, special: SpecialIds) -> np.ndarray:
-    """float64[V]: add-one smoothed unigram log-probabilities of non-special training tokens."""
-    counts = np.bincount(np.concatenate(list(data)), minlength=vocab_size).astype(np.float64) + 1.0
-    counts[list(special.all())] = 0.0
-    with np.errstate(divide="ignore"):  # specials get log 0 = -inf on purpose
-        return np.log(counts / counts.sum())
-
-
-def heldout_report(
-    module: MaskedLMModule,
-    params: Params,
-    tokenizer: Any,
-    sets: dict[str, Sequence[str]],
-    unigram: np.ndarray,
-    max_length: int,
-) -> dict[str, dict]:
-    """Per held-out set: tokens, masked-token accuracy and pseudo-perplexity, and the unigram baseline's."""
-    special = SpecialIds.of(tokenizer)
-    report = {}
-    for name, lines in sets.items():
-        seqs = tokenize_lines(tokenizer, lines, max_length)
-        lp, correct, gold = pseudo_likelihood(module, params, seqs, special)
-        report[name] = {
-            "sentences": len(seqs),
-            "tokens": int(len(gold)),
-            "mean_length_with_specials": float(np.mean([len(s) for s in seqs])),
-            "masked_token_accuracy": float(correct.mean()),
-            "pseudo_perplexity": float(np.exp(-lp.mean())),
-            "unigram_accuracy": float((gold == int(np.argmax(unigram))).mean()),
-            "unigram_perplexity": float(np.exp(-unigram[gold].mean())),
-        }
-    return report
 
 
 def _save(directory: Path, config: TrainConfig, params: Params, tokenizer: Any) -> None:
