@@ -100,10 +100,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _run_pair(args: argparse.Namespace) -> int:
-    from jaxjoint.data import max_tokens
     from jaxjoint.default import model_source
-    from jaxjoint.explain import explain_pair
-    from jaxjoint.joints import LABELS
+    from jaxjoint.explain import explain_text, format_explanation
     from jaxjoint.models.mlm import load_mlm
     from jaxjoint.sharding import local_mesh
 
@@ -111,64 +109,11 @@ def _run_pair(args: argparse.Namespace) -> int:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     config = _config(args)
     mlm = load_mlm(model_source(config.model), dtype=config.dtype)
-    tok = mlm.tokenizer
-    if tok is None:
-        raise UserError("the checkpoint has no tokenizer files; `jaxjoint pair` needs one to read TEXT")
-    encoded = tok(args.text, truncation=True, max_length=max_tokens(mlm.config), return_special_tokens_mask=True)
-    ids, special = list(encoded["input_ids"]), list(encoded["special_tokens_mask"])
-    tokens = tok.convert_ids_to_tokens(ids)
-    a, b = _pair_positions(args.positions, ids, special, tokens, mlm.mask_token_id)
-    gold = None if mlm.mask_token_id in (ids[a], ids[b]) else (ids[a], ids[b])
-
-    result = explain_pair(mlm, ids, a, b, methods=config.methods, top_k=args.top_k, gold=gold,
-                          ag_options=config.ag_options(), mesh=local_mesh(config.devices),
-                          chunk_size=config.chunk_size)
-
-    print("tokens: " + " ".join(f"{i}:{t}" for i, t in enumerate(tokens)))
-    if gold is None:
-        print(f"A = {a}, B = {b} (masked: no gold tokens)")
-    else:
-        print(f"A = {a} (gold {tokens[a]!r}), B = {b} (gold {tokens[b]!r})")
-    print(f"\ntop {args.top_k} pairs (token at A, token at B, p):")
-    columns = {
-        LABELS[m]: [f"{tok.convert_ids_to_tokens(x)} {tok.convert_ids_to_tokens(y)}  {p:.4f}" for x, y, p in top]
-        for m, top in result["top"].items()
-    }
-    print(_table(["#", *columns], [[str(i + 1), *(c[i] for c in columns.values())]
-                                   for i in range(min(len(c) for c in columns.values()))]))
-    if result["ag"] is not None:
-        ag = result["ag"]
-        print(f"\nAG: {ag['iters']} iterations, last L1 change {ag['delta']:.3g}, J = {ag['objective']:.4g}")
-    if gold is not None:
-        rows = [[LABELS[m], *(f"{v[k]:.4f}" for k in ("p_nll", "u_nll", "kl_gold", "kl_all"))]
-                for m, v in result["metrics"].items()]
-        rows.append(["MLM conditionals", "–", f"{result['mlm_unary_u_nll']:.4f}", "–", "–"])
-        print("\n" + _table(["method", "p_nll", "u_nll", "kl_gold", "kl_all"], rows))
+    explanation = explain_text(mlm, args.text, args.positions, methods=config.methods, top_k=args.top_k,
+                               ag_options=config.ag_options(), mesh=local_mesh(config.devices),
+                               chunk_size=config.chunk_size)
+    print(format_explanation(explanation, mlm.tokenizer))
     return 0
-
-
-def _pair_positions(positions: Sequence[int] | None, ids: list[int], special: list[int], tokens: list[str],
-                    mask_id: int) -> tuple[int, int]:
-    if positions is None:
-        masks = [i for i, t in enumerate(ids) if t == mask_id]
-        if len(masks) != 2:
-            raise UserError(f"TEXT has {len(masks)} mask tokens; write exactly two, or give --positions I J")
-        return masks[0], masks[1]
-    a, b = positions
-    for p in (a, b):
-        if not 0 <= p < len(ids):
-            raise UserError(f"position {p} is outside the {len(ids)} tokens [0, {len(ids)})")
-        if special[p]:
-            raise UserError(f"position {p} is the special token {tokens[p]}; choose a word position")
-    if a == b:
-        raise UserError("the two positions must differ")
-    return a, b
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
 # --- plot -----------------------------------------------------------------------------------
