@@ -21,7 +21,7 @@ import numpy as np
 
 from benchmarks.common import machine, measured_matmul_peak, model_shape, print_table, time_call, write_json
 from jaxjoint.flops import sequence_flops
-from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.families import masked_lm_module
 from jaxjoint.models.mlm import DTYPES, random_params
 from jaxjoint.sharding import make_mesh, mesh_size, padded_size, replicated
 from jaxjoint.tables import bucket_length, substitution_table
@@ -29,8 +29,8 @@ from jaxjoint.tables import bucket_length, substitution_table
 
 def _full_last_layer(module, params, ids, mask, read_pos):
     """Every layer at every row, then the head at ``read_pos`` only."""
-    hidden = module.apply({"params": params}, ids, mask, method=MaskedLMModule.encode)
-    return module.apply({"params": params}, hidden[:, read_pos], method=MaskedLMModule.head)
+    hidden = module.apply({"params": params}, ids, mask, method="encode")
+    return module.apply({"params": params}, hidden[:, read_pos], method="head")
 
 
 def _head_everywhere(module, params, ids, mask, read_pos):
@@ -65,7 +65,7 @@ def run(shape: str, length: int, rows: int | None, dtype: str, chunk: int, basel
     config = model_shape(shape)
     mesh = make_mesh()
     rows = padded_size(rows or config.vocab_size, mesh)
-    module = MaskedLMModule(config, dtype=DTYPES[dtype])
+    module = masked_lm_module(config, DTYPES[dtype])
     params = jax.device_put(random_params(config), replicated(mesh))
     bucket = bucket_length(length, config.max_positions)
     rng = np.random.default_rng(0)

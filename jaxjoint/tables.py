@@ -17,6 +17,7 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,7 +25,6 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.checkpoint import Params
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import MaskedLM, mlm_logits
@@ -145,11 +145,13 @@ def activation_bytes_per_sequence(config: EncoderConfig, length: int, dtype: str
     """Peak bytes one sequence of the substitution batch needs inside one layer.
 
     Hidden states and the Q/K/V/context copies (6 x L x H), the feed-forward
-    activation (2 x L x I), float32 attention scores and probabilities
-    (2 x heads x L^2 x 4 bytes), and the float32 logits row at the masked position.
+    activation (2 x L x I; GeGLU's 2I input and I output for ModernBERT), float32
+    attention scores and probabilities (2 x heads x L^2 x 4 bytes), and the float32
+    logits row at the masked position.
     """
     width = 2 if dtype == "bfloat16" else 4
-    per_layer = width * length * (6 * config.hidden_size + 2 * config.intermediate_size)
+    mlp = config.intermediate_size * (3 if config.family == "modernbert" else 2)
+    per_layer = width * length * (6 * config.hidden_size + mlp)
     attention = 2 * 4 * config.num_heads * length * length
     return per_layer + attention + 4 * config.vocab_size
 
@@ -187,7 +189,7 @@ def _chunking(rows: int, max_chunk: int) -> tuple[int, int]:
 
 @functools.partial(jax.jit, static_argnames=("module", "mesh", "n_chunks", "chunk", "rows"))
 def substitution_table(
-    module: MaskedLMModule,
+    module: nn.Module,
     params: Params,
     input_ids: jax.Array,
     attention_mask: jax.Array,

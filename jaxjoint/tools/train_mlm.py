@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 from jaxjoint.errors import UserError
-from jaxjoint.models import bert
+from jaxjoint.models import families
 from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.checkpoint import save_checkpoint
 from jaxjoint.models.config import EncoderConfig
@@ -160,7 +160,7 @@ def _compiled(config: TrainConfig, pad_token_id: int):
 
 @functools.lru_cache(maxsize=8)
 def _init_fn(encoder: EncoderConfig):
-    return jax.jit(functools.partial(bert.init_params, encoder))
+    return jax.jit(functools.partial(families.init_params, encoder))
 
 
 def init_params(config: TrainConfig, pad_token_id: int = 0) -> Params:
