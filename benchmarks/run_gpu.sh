@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Everything issue 7 asks of one GPU, in one call (device time is short). Expects
+# Everything issue 7 asks of one GPU, and jaxjoint plan's estimates against measurements, in one
+# call (device time is short). Expects
 # jaxjoint installed with '.[cuda]' and a CUDA build of PyTorch for the baseline;
 # on a machine whose python3 already has jax[cuda], flax, optax, safetensors,
 # transformers and torch, run it from the repository root without installing:
@@ -27,3 +28,17 @@ $py -m benchmarks.end_to_end --shape bert-base-cased --length 16 --dtype float32
 $py -m benchmarks.tables_throughput --shape bert-base-cased bert-large-cased --length 16 32 --rows 8192 \
     --dtype float32 bfloat16 --chunk 64 256 1024 --json "$out/tables_chunks.json"
 $py -m benchmarks.ag_iteration --vocab 28996 --json "$out/ag_iteration_28996.json"
+# Planned against measured on the same shapes (jaxjoint.plan): the programs compiled
+# for this GPU ('local') and for the deviceless description of it (h100 or h200, by
+# what nvidia-smi named above), then estimated seconds beside end_to_end's timings.
+for dtype in float32 bfloat16; do
+  $py -m benchmarks.plan_table --rows bert-base-cased/16 bert-base-cased/32 bert-large-cased/16 \
+      bert-large-cased/32 --targets local --dtype $dtype --json "$out/plan_local.json"
+done
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -oiE 'h100|h200|a100|b200' | tr A-Z a-z || true)
+if [ -n "$gpu" ]; then
+  JAX_PLATFORMS=cpu $py -m benchmarks.plan_table --rows bert-base-cased/32 bert-large-cased/32 --targets "$gpu" \
+      --dtype float32 --json "$out/plan_deviceless.json"
+fi
+$py -m benchmarks.plan_vs_measured "$out/plan_local.json" "$out"/end_to_end_bert-*.json \
+    --json "$out/plan_vs_measured.json"

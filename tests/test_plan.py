@@ -207,3 +207,15 @@ def test_a_model_that_cannot_fit_says_why_in_one_line():
     assert report.reason and "\n" not in report.reason
     assert "500.0 GB" in report.reason and "H100" in report.reason
     assert report.to_json()["peak_bytes_per_device"] > report.usable_bytes_per_device
+
+
+@pytest.mark.slow
+def test_reason_names_the_device_count_that_fits():
+    """V = 100,000: one pair's tables are 80 GB, past one H100 but not eight, and the
+    suggestion is compiled on the eight before it is named."""
+    config = EncoderConfig(**{**TINY.__dict__, "vocab_size": 100_000})
+    report = make_plan("h100", config, lengths=[16], methods=())
+    assert not report.fits
+    assert "\n" not in report.reason
+    assert "fits on 8 devices (h100x8)" in report.reason
+    assert make_plan("h100x8", config, lengths=[16], methods=()).fits

@@ -31,6 +31,7 @@ from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import DTYPES, mlm_logits
 from jaxjoint.plan.models import abstract_params
+from jaxjoint.plan.targets import quiet_stderr
 from jaxjoint.sharding import mesh_size, padded_size, replicated, row_sharding
 from jaxjoint.tables import PairTables, _assemble, substitution_table
 
@@ -101,7 +102,8 @@ def compile_program(name: str, lower: Callable[[], jax.stages.Lowered]
     """``analyse``, also returning the compiled program (None when refused)."""
     start = time.perf_counter()
     try:
-        compiled = lower().compile()
+        with quiet_stderr():  # compilers log at length about programs over memory
+            compiled = lower().compile()
     except Exception as err:  # XlaRuntimeError / JaxRuntimeError
         text = str(err)
         if "RESOURCE_EXHAUSTED" not in text:

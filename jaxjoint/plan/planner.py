@@ -175,7 +175,9 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
     alt = make_plan(alt_target, config, lengths=lengths, dtype=dtype, methods=methods, ag_options=ag,
                     prefetch=prefetch, max_chunk=max_chunk, suggest=False)
     if not alt.fits:
-        return f"{head}; not even on {more} ({alt.devices} devices)"
+        w = max(alt.buckets, key=lambda b: b.peak_bytes or 0)
+        at = "" if w.peak_bytes is None else f": peak {w.peak_bytes / 2**30:.1f} GiB per device at '{w.peak_program}'"
+        return f"{head}; not even on {more} ({alt.devices} devices{at})"
     if alt.hosts > 1:
         return (f"{head}; fits on {alt.devices} devices ({more}: --distributed global over {alt.hosts} hosts), "
                 f"chunk {alt.worst.chunk_size}")

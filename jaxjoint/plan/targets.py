@@ -127,10 +127,13 @@ def _tpu_target(name: str, chip: Chip) -> Target:
     if dims is not None and math.prod(dims) == 1:
         kwargs["chips_per_host_bounds"] = (1, 1, 1)
     use_only_cpu_backend()
+    # libtpu takes a lock file so that one process owns the TPU; compile-only
+    # devices own nothing, and plans in parallel processes (tests) must not fail.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             topology = topologies.get_topology_desc(
                 platform="tpu", topology_name=f"{chip.topology_version}:{shape}" if dims else name, **kwargs)
     except Exception as err:  # libtpu raises plain RuntimeErrors and XlaRuntimeErrors
@@ -179,10 +182,11 @@ def use_only_cpu_backend() -> None:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
+def quiet_stderr():
     """Drop what native code writes to file descriptor 2 meanwhile: libtpu's
     start-up warnings about TPU_ACCELERATOR_TYPE and worker hostnames, which mean
-    nothing without a TPU (errors still arrive as exceptions)."""
+    nothing without a TPU, and XLA's log lines while compiling (errors still
+    arrive as exceptions)."""
     with tempfile.TemporaryFile() as held:
         saved = os.dup(2)
         os.dup2(held.fileno(), 2)
@@ -196,3 +200,23 @@ def _quiet_stderr():
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def use_cpu_when_no_accelerator() -> None:
+    """Start JAX on its CPU backend alone when this machine shows no NVIDIA GPU and
+    no TPU chip and nothing chose the platforms (``JAX_PLATFORMS`` unset).
+
+    For commands that run on local devices: with JAX's CUDA plugin and libtpu
+    installed (``plan`` needs them), JAX otherwise probes for both at start-up and
+    prints a cuDNN traceback and libtpu warnings to stderr. Call before JAX starts
+    its backends; later it has no effect.
+    """
+    from jax._src import hardware_utils, xla_bridge
+
+    if xla_bridge.backends_are_initialized() or os.environ.get("JAX_PLATFORMS"):
+        return
+    if jax.config.jax_platforms not in (None, ""):
+        return
+    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    if tpu_chips == 0 and not hardware_utils.has_visible_nvidia_gpu():
+        jax.config.update("jax_platforms", "cpu")

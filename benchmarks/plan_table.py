@@ -1,0 +1,87 @@
+"""The paper's settings planned for accelerators that are not here: compiled, not run.
+
+    python -m benchmarks.plan_table                       # every setting x every target below
+    python -m benchmarks.plan_table --targets h100 --rows bert-base-cased/32
+
+For each setting (model, bucket length) and target, ``jaxjoint.plan.make_plan``
+compiles the run's programs for compile-only devices and reports whether a pair
+fits, the chunk, the peak memory per device and a roofline estimate of the time
+per pair (published peaks), beside the published approach's ~2 GPU-days per 1000
+pairs (DESIGN.md §2). Prints a Markdown table and writes JSON. Nothing is measured:
+every time here is an estimate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import time
+from pathlib import Path
+
+from jaxjoint.plan import format_plan, make_plan
+from jaxjoint.plan.cache import compiler_versions
+
+# The paper's eight settings differ in model and data; masking does not change a
+# pair's shapes. SNLI sentences fit the 32-token bucket, XSUM summaries the 64 one.
+ROWS = {
+    "bert-base-cased/32": ("bert-base-cased", 32, "bert-base-cased, SNLI (random, contiguous)"),
+    "bert-base-cased/64": ("bert-base-cased", 64, "bert-base-cased, XSUM (random, contiguous)"),
+    "bert-large-cased/32": ("bert-large-cased", 32, "bert-large-cased, SNLI (random, contiguous)"),
+    "bert-large-cased/64": ("bert-large-cased", 64, "bert-large-cased, XSUM (random, contiguous)"),
+    "xlm-roberta-large/32": ("xlm-roberta-large", 32, "xlm-roberta-large, 32 tokens"),
+}
+TARGETS = ("h100", "h100x8", "h200", "v5e:2x2", "v5p:2x2x1")
+PAPER_HOURS_PER_1000 = 48.0  # ~2 GPU-days per 1000 pairs (DESIGN.md §2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="+", default=list(ROWS),
+                        help="MODEL/LENGTH settings (default: the paper's, and XLM-R large)")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--json", default="benchmarks/results/plan/plan_table.json")
+    args = parser.parse_args()
+    out = Path(args.json)
+    results = json.loads(out.read_text())["results"] if out.is_file() else []
+    done = {(r["row"], r["target"], r["dtype"]) for r in results}
+    for row in args.rows:
+        model, length, label = ROWS.get(row) or (row.rsplit("/", 1)[0], int(row.rsplit("/", 1)[1]), row)
+        for target in args.targets:
+            if (row, target, args.dtype) in done:
+                continue
+            start = time.perf_counter()
+            report = make_plan(target, model, lengths=[length], dtype=args.dtype, suggest=False)
+            print(format_plan(report), flush=True)
+            data = report.to_json()
+            results.append({"row": row, "label": label, "target": target, "dtype": args.dtype,
+                             "wall_seconds": time.perf_counter() - start, "plan": data})
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps({"kind": "compiled, not run", "date": datetime.date.today().isoformat(),
+                                       "versions": compiler_versions(), "results": results}, indent=1) + "\n")
+    print(markdown(results))
+
+
+def markdown(results: list[dict]) -> str:
+    """The RESULTS.md table of ``results``."""
+    lines = ["| setting | target | dtype | fits | chunk | peak / usable per device | est. s/pair | "
+             "est. h per 1000 pairs | vs ~48 GPU-h (paper) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        p = r["plan"]
+        gib = 2**30
+        peak = p["peak_bytes_per_device"]
+        seconds = p["estimated_seconds_per_pair"]
+        hours = p["estimated_hours_per_1000_pairs"]
+        ratio = "-" if not hours else f"{PAPER_HOURS_PER_1000 / hours:,.0f}x"
+        lines.append(
+            f"| {r['label']} | {r['target']} | {r['dtype']} | {'yes' if p['fits'] else '**no**'} | "
+            f"{p['chunk_size'] if p['fits'] else '-'} | "
+            f"{peak / gib:,.1f} / {p['usable_bytes_per_device'] / gib:,.1f} GiB | "
+            f"{'-' if seconds is None or not p['fits'] else f'{seconds:.3g}'} | "
+            f"{'-' if hours is None or not p['fits'] else f'{hours:.3g}'} | {ratio if p['fits'] else '-'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
