@@ -282,3 +282,12 @@ def test_plot_command(sharp_ckpt, sentences, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["plot", str(tmp_path / "empty")]) == 2
     assert "no finished pairs" in capsys.readouterr().err
+
+
+def test_the_cli_loads_no_training_code_and_no_torch():
+    """`jaxjoint evaluate` starts without optax, the training tools or PyTorch."""
+    probe = ("import sys, jaxjoint.cli; heavy = ('optax', 'torch', 'jaxjoint.tools.train_mlm', "
+             "'jaxjoint.tools.corpus', 'matplotlib'); print([m for m in heavy if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
