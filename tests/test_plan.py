@@ -26,7 +26,7 @@ from jaxjoint.sharding import make_mesh
 from tests.hf_fixtures import hf_config
 
 TINY = EncoderConfig(
-    family="bert", vocab_size=1000, hidden_size=64, embedding_size=64, num_layers=1, num_heads=2,
+    family="bert", vocab_size=1024, hidden_size=64, embedding_size=64, num_layers=1, num_heads=2,
     intermediate_size=128, max_positions=64, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu",
     pad_token_id=0)
 
@@ -186,7 +186,9 @@ def test_small_model_plan_fits(target, tmp_path):
     assert data["peak_bytes_per_device"] <= data["hbm_bytes_per_device"]
     assert data["peak_bytes_per_device"] <= report.usable_bytes_per_device
     assert data["flops_per_pair"] == pair_flops(TINY, 16)
-    assert pair_flops(TINY, 16) <= data["xla_flops_per_pair"] <= 1.1 * pair_flops(TINY, 16)
+    # XLA also counts elementwise work (GELU, softmax, LayerNorm, bfloat16 casts):
+    # about 10% of a pass at width 64, under 1% at bert-base's 768.
+    assert pair_flops(TINY, 16) <= data["xla_flops_per_pair"] <= 1.15 * pair_flops(TINY, 16)
     # no faster than every chip at its peak allows
     floor = pair_flops(TINY, 16) / (report.devices * report.chip.peak_flop_per_s["bfloat16"])
     assert data["estimated_seconds_per_pair"] >= floor

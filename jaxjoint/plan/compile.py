@@ -27,7 +27,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxjoint.joints import Joint, derive_joint
 from jaxjoint.joints.streaming import default_block_rows
 from jaxjoint.metrics import pair_metric_arrays
-from jaxjoint.models.bert import MaskedLMModule
+from jaxjoint.models.families import masked_lm_module
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import DTYPES, mlm_logits
 from jaxjoint.plan.models import abstract_params
@@ -164,7 +164,7 @@ def tables_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *
     """One ``substitution_table`` call (one of the pair's two tables) for sentences
     padded to ``length``: ``n_chunks`` steps of ``chunk`` sequences per device."""
     rep = replicated(mesh)
-    module = MaskedLMModule(config, dtype=DTYPES[dtype])
+    module = masked_lm_module(config, DTYPES[dtype])
     params = _placed(_params_shapes(config), rep)
     ids = _abstract((length,), jnp.int32, rep)
     scalar = _abstract((), jnp.int32, rep)
@@ -180,7 +180,7 @@ def tables_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *
 def both_masked_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str) -> ProgramCost:
     """The one pass with both positions masked (logits at two positions)."""
     rep = replicated(mesh)
-    module = MaskedLMModule(config, dtype=DTYPES[dtype])
+    module = masked_lm_module(config, DTYPES[dtype])
     params = _placed(_params_shapes(config), rep)
     ids = _abstract((1, length), jnp.int32, rep)
     positions = _abstract((1, 2), jnp.int32, rep)

@@ -15,29 +15,37 @@ import jax
 import jax.numpy as jnp
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.bert import init_params
+from jaxjoint.models.families import init_params
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+# ModernBERT and ESM-2 hub configs, kept by jaxjoint.models (named org--name.json).
+HUB_CONFIG_DIR = Path(__file__).parent.parent / "models" / "hub_configs"
 # Hub organisations that now own the classic model names.
 _HUB_PREFIXES = ("google-bert/", "FacebookAI/", "distilbert/")
 
 
 def shipped_models() -> tuple[str, ...]:
     """Names ``--model`` resolves offline."""
-    return tuple(sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.json")))
+    names = [p.stem for p in MODEL_CONFIG_DIR.glob("*.json")]
+    names += [p.stem.replace("--", "/") for p in HUB_CONFIG_DIR.glob("*.json")]
+    return tuple(sorted(names))
 
 
 def planning_config(source: str) -> tuple[str, EncoderConfig]:
     """(display name, ``EncoderConfig``) for ``source``: a shipped name (also with its
-    hub organisation, ``google-bert/bert-base-cased``), ``default`` (the embedded
-    model), a local directory or config.json file, or a hub name (config.json only).
+    hub organisation, ``google-bert/bert-base-cased``; ModernBERT and ESM-2 by hub
+    id, ``answerdotai/ModernBERT-base``), ``default`` (the embedded model), a local
+    directory or config.json file, or a hub name (config.json only, downloaded).
     """
     name = str(source)
     short = next((name[len(p):] for p in _HUB_PREFIXES if name.startswith(p)), name)
     shipped = MODEL_CONFIG_DIR / f"{short}.json"
     if shipped.is_file():
         return short, config_from_hf(json.loads(shipped.read_text()))
+    hub_copy = HUB_CONFIG_DIR / f"{name.replace('/', '--')}.json"
+    if "/" in name and hub_copy.is_file():
+        return name, config_from_hf(json.loads(hub_copy.read_text()))
     if name == "default":
         from jaxjoint.default import MODEL_DIR
 
