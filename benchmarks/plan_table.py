@@ -55,12 +55,26 @@ def main() -> None:
             report = make_plan(target, model, lengths=[length], dtype=args.dtype, suggest=False)
             print(format_plan(report), flush=True)
             data = report.to_json()
-            results.append({"row": row, "label": label, "target": target, "dtype": args.dtype,
-                             "wall_seconds": time.perf_counter() - start, "plan": data})
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps({"kind": "compiled, not run", "date": datetime.date.today().isoformat(),
-                                       "versions": compiler_versions(), "results": results}, indent=1) + "\n")
+            entry = {"row": row, "label": label, "target": target, "dtype": args.dtype,
+                     "wall_seconds": time.perf_counter() - start, "plan": data}
+            results = _save(out, entry)
     print(markdown(results))
+
+
+def _save(out: Path, entry: dict) -> list[dict]:
+    """Add ``entry`` to the JSON at ``out`` (read again first: several runs may add
+    to one file) and return every result, in setting then target order."""
+    results = json.loads(out.read_text())["results"] if out.is_file() else []
+    key = (entry["row"], entry["target"], entry["dtype"])
+    results = [r for r in results if (r["row"], r["target"], r["dtype"]) != key] + [entry]
+    rows = {row: i for i, row in enumerate(ROWS)}
+    targets = {target: i for i, target in enumerate(TARGETS)}
+    results.sort(key=lambda r: (rows.get(r["row"], len(rows)), r["row"], r["dtype"],
+                                targets.get(r["target"], len(targets)), r["target"]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"kind": "compiled, not run", "date": datetime.date.today().isoformat(),
+                               "versions": compiler_versions(), "results": results}, indent=1) + "\n")
+    return results
 
 
 def markdown(results: list[dict]) -> str:

@@ -221,3 +221,23 @@ def test_reason_names_the_device_count_that_fits():
     assert "\n" not in report.reason
     assert "fits on 8 devices (h100x8)" in report.reason
     assert make_plan("h100x8", config, lengths=[16], methods=()).fits
+
+
+def test_cpu_only_start_keeps_stderr_clean_with_the_plugins_installed():
+    """With the CUDA plugin and libtpu installed and JAX_PLATFORMS unset, JAX probes for
+    both at start-up (a cuDNN traceback, libtpu warnings); on a machine showing neither
+    device, use_cpu_when_no_accelerator starts the CPU backend alone, silently."""
+    import os
+    import subprocess
+    import sys
+
+    from jax._src import hardware_utils
+
+    if hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_tpu_chips_and_device_id()[0]:
+        pytest.skip("an accelerator is visible: JAX should probe for it")
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    code = ("from jaxjoint.plan.targets import use_cpu_when_no_accelerator as f; f(); "
+            "import jax; print(jax.devices()[0].platform)")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "cpu"
+    assert run.stderr == ""

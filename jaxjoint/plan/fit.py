@@ -30,6 +30,7 @@ from jaxjoint.plan import compile as programs
 from jaxjoint.plan.cache import cached
 from jaxjoint.plan.compile import ProgramCost
 from jaxjoint.sharding import mesh_size
+from jaxjoint.tables import _chunking  # private: the split pair_tables runs; one rule, not two
 
 # Chunks are multiples of 8 sequences: the batch of a chunk times the sentence
 # length is the row count of every matrix product, and 8 is the sublane tile of TPU
@@ -41,9 +42,8 @@ MAX_CHUNK = 4096
 
 def chunking(rows: int, max_chunk: int) -> tuple[int, int]:
     """(number of chunks, chunk) the tables stage runs for ``rows`` rows per device
-    and ``chunk_size=max_chunk``: as many even chunks as needed (tables._chunking)."""
-    n_chunks = math.ceil(rows / max_chunk)
-    return n_chunks, math.ceil(rows / n_chunks)
+    and ``chunk_size=max_chunk``: the tables stage's own split."""
+    return _chunking(rows, max_chunk)
 
 
 def _mesh_key(mesh: Mesh) -> tuple[str, int]:
