@@ -154,11 +154,21 @@ class PlanReport:
         }
 
 
+def chunk_bound(b: BucketPlan) -> str | None:
+    """What stopped the chunk growing: ``memory`` (the next size up does not fit),
+    ``all rows`` (one chunk holds every row of the device) or ``cap`` (``MAX_CHUNK``)."""
+    if b.chunk_size is None:
+        return None
+    if b.next_chunk_up is not None:
+        return "memory"
+    return "all rows" if b.n_chunks == 1 else "cap"
+
+
 def _bucket_json(b: BucketPlan) -> dict[str, Any]:
     est = b.estimate
     return {
         "length": b.length, "bucket": b.bucket, "fits": b.fits, "fits_without_prefetch": b.fits_without_prefetch,
-        "chunk_size": b.chunk_size, "n_chunks": b.n_chunks, "chunk": b.chunk,
+        "chunk_size": b.chunk_size, "chunk_bound": chunk_bound(b), "n_chunks": b.n_chunks, "chunk": b.chunk,
         "peak_bytes_per_device": b.peak_bytes, "peak_program": b.peak_program,
         "flops_per_pair": b.flops_per_pair, "xla_flops_per_pair": b.xla_flops_per_pair,
         "executed_flops_per_pair": b.executed_flops_per_pair,
@@ -206,7 +216,7 @@ def format_plan(report: PlanReport) -> str:
         est = b.estimate
         rows.append([
             str(b.length), str(b.bucket), "yes" if b.fits else "NO",
-            "-" if b.chunk_size is None else f"{b.chunk_size} ({b.n_chunks} x {b.chunk})",
+            "-" if b.chunk_size is None else f"{b.chunk_size} ({b.n_chunks} x {b.chunk}; {chunk_bound(b)})",
             _gib(b.peak_bytes), b.peak_program or "-", f"{b.flops_per_pair / 1e15:.3f}",
             "-" if b.xla_flops_per_pair is None else f"{b.xla_flops_per_pair / 1e15:.3f}",
             "-" if est is None else f"{est.seconds_per_pair:.3g}",
