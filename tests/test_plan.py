@@ -241,3 +241,11 @@ def test_cpu_only_start_keeps_stderr_clean_with_the_plugins_installed():
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "cpu"
     assert run.stderr == ""
+
+
+@pytest.mark.slow
+def test_local_plan_compiles_for_this_process_devices():
+    report = make_plan("local", TINY, lengths=[16], methods=("mrf",))
+    assert report.target == "local" and report.devices == jax.local_device_count()
+    assert report.fits and report.worst.peak_bytes <= report.usable_bytes_per_device
+    assert report.worst.flops_per_pair == pair_flops(TINY, 16)
