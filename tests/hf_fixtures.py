@@ -37,27 +37,34 @@ HEAD_NORM = {
     "roberta": "lm_head.layer_norm.weight",
     "distilbert": "vocab_layer_norm.weight",
     "electra": "generator_predictions.LayerNorm.weight",
+    "modernbert": "head.norm.weight",
+    "esm": "lm_head.layer_norm.weight",
 }
 
 
-def make_checkpoint(directory: Path, family: str = "bert", seed: int = 0, head_gain: float = 1.0,
-                    **sizes) -> Path:
-    """Save a random ``*ForMaskedLM`` (every weight perturbed, not just initialised)
-    and a BERT WordPiece tokenizer over ``vocabulary(V)`` into ``directory``.
-
-    Random weights give nearly uniform conditionals; ``head_gain`` multiplies the
-    head's LayerNorm gain (8 gives entropies of about 1 nat, like a trained model's)."""
+def perturbed_model(config, family: str, seed: int = 0, head_gain: float = 1.0):
+    """A transformers ``*ForMaskedLM`` of ``config`` with every weight perturbed, not
+    just initialised: LayerNorm gains near 1, everything else O(0.1), so all weights
+    matter. Random weights give nearly uniform conditionals; ``head_gain`` multiplies
+    the head's LayerNorm gain (8 gives entropies of about 1 nat, like a trained model's)."""
     torch.manual_seed(seed)
-    config = hf_config(family, **sizes)
     model = transformers.AutoModelForMaskedLM.from_config(config).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
-            # LayerNorm gains near 1, everything else O(0.1): all weights matter.
             p.copy_(1.0 + 0.1 * noise if "norm" in name.lower() and name.endswith("weight")
                     else 0.1 * noise)
         model.get_parameter(HEAD_NORM[family]).mul_(head_gain)
+    return model
+
+
+def make_checkpoint(directory: Path, family: str = "bert", seed: int = 0, head_gain: float = 1.0,
+                    **sizes) -> Path:
+    """Save a random ``*ForMaskedLM`` (``perturbed_model``) and a BERT WordPiece
+    tokenizer over ``vocabulary(V)`` into ``directory``."""
+    config = hf_config(family, **sizes)
+    model = perturbed_model(config, family, seed, head_gain)
     directory = Path(directory)
     model.save_pretrained(directory)
     # transformers 5 ignores vocab_file=; the vocabulary must be passed as a dict.

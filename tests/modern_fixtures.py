@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+from tests.hf_fixtures import perturbed_model
 
 # ESM-2's alphabet, in the order of its vocab.txt.
 ESM_TOKENS = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
@@ -16,10 +17,6 @@ ESM_AMINO_ACIDS = range(4, 24)  # L A G ... C: the 20 standard residues
 # ModernBERT's specials sit at the end of its vocabulary (ids 50280-50284 in the real one).
 MODERNBERT_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 MODERNBERT_WORDS = "the a cat dog sat on mat and ran to park river rose after storm".split()
-
-# The head's LayerNorm gain: scaling it sharpens the conditionals.
-HEAD_NORM = {"modernbert": "head.norm.weight", "esm": "lm_head.layer_norm.weight"}
-
 
 def modernbert_vocabulary(size: int) -> list[str]:
     """``size`` word-level entries: words, filler words, then the five specials."""
@@ -53,25 +50,11 @@ def esm_config(hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: 
         intermediate_size=intermediate, max_position_embeddings=max_positions, **kwargs)
 
 
-def _perturbed_model(config, family: str, seed: int, head_gain: float):
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForMaskedLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            # LayerNorm gains near 1, everything else O(0.1): all weights matter.
-            p.copy_(1.0 + 0.1 * noise if "norm" in name.lower() and name.endswith("weight")
-                    else 0.1 * noise)
-        model.get_parameter(HEAD_NORM[family]).mul_(head_gain)
-    return model
-
-
 def make_modernbert_checkpoint(directory: Path, seed: int = 0, head_gain: float = 1.0, **sizes) -> Path:
     """Save a random ``ModernBertForMaskedLM`` and a word-level fast tokenizer
     (``tokenizer.json``, [CLS] ... [SEP]) into ``directory``."""
     config = modernbert_config(**sizes)
-    model = _perturbed_model(config, "modernbert", seed, head_gain)
+    model = perturbed_model(config, "modernbert", seed, head_gain)
     directory = Path(directory)
     model.save_pretrained(directory)
     vocab = {token: i for i, token in enumerate(modernbert_vocabulary(config.vocab_size))}
@@ -89,7 +72,7 @@ def make_modernbert_checkpoint(directory: Path, seed: int = 0, head_gain: float 
 def make_esm_checkpoint(directory: Path, seed: int = 0, head_gain: float = 1.0, **sizes) -> Path:
     """Save a random ``EsmForMaskedLM`` and an ``EsmTokenizer`` (vocab.txt) into ``directory``."""
     config = esm_config(**sizes)
-    model = _perturbed_model(config, "esm", seed, head_gain)
+    model = perturbed_model(config, "esm", seed, head_gain)
     directory = Path(directory)
     model.save_pretrained(directory)
     directory.mkdir(parents=True, exist_ok=True)
