@@ -7,10 +7,22 @@ import jax.numpy as jnp
 import pytest
 
 from jaxjoint.flops import encoder_flops, head_flops, layer_flops, pair_flops, sequence_flops
-from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
 from jaxjoint.models.families import init_params, masked_lm_module
 from jaxjoint.models.mlm import random_params
+
+
+def ours_and_xla(config: EncoderConfig, positions: int, batch: int = 4, length: int = 32) -> tuple[int, float]:
+    """Our count and XLA's cost analysis of the compiled forward pass of ``batch``
+    sequences of ``length`` tokens with logits at ``positions`` rows each."""
+    module = masked_lm_module(config)
+    ids = jnp.ones((batch, length), jnp.int32)
+    at = jnp.tile(jnp.arange(positions) * 5, (batch, 1))
+    forward = jax.jit(lambda p, i: module.apply({"params": p}, i, jnp.ones_like(i), at))
+    cost = forward.lower(random_params(config), ids).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return batch * sequence_flops(config, length, positions), cost["flops"]
+
 
 BERT_BASE = EncoderConfig(
     family="bert", vocab_size=28996, hidden_size=768, embedding_size=768, num_layers=12,
@@ -64,16 +76,8 @@ def test_count_matches_xla_cost_analysis(embedding, positions):
         family="electra" if embedding != 256 else "bert", vocab_size=1000, hidden_size=256,
         embedding_size=embedding, num_layers=2, num_heads=4, intermediate_size=1024,
         max_positions=64, type_vocab_size=2, layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)
-    module = MaskedLMModule(config)
-    params = random_params(config)
-    b, length = 4, 32
-    ids = jnp.ones((b, length), jnp.int32)
-    at = jnp.tile(jnp.arange(positions) * 5, (b, 1))
-    forward = jax.jit(lambda p, i: module.apply({"params": p}, i, jnp.ones_like(i), at))
-    cost = forward.lower(params, ids).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    ours = b * sequence_flops(config, length, positions)
-    assert ours <= cost["flops"] <= 1.06 * ours, (ours, cost["flops"])
+    ours, xla = ours_and_xla(config, positions)
+    assert ours <= xla <= 1.06 * ours, (ours, xla)
 
 
 # --- ModernBERT and ESM ----------------------------------------------------------------
@@ -143,13 +147,5 @@ def test_modern_count_matches_xla_cost_analysis(family, positions):
           dict(model_type="esm", intermediate_size=1024, position_embedding_type="rotary", token_dropout=True,
                mask_token_id=4, pad_token_id=1, **sizes))
     config = encoder_config_from_hf(hf)
-    module = masked_lm_module(config)
-    params = random_params(config)
-    b, length = 4, 32
-    ids = jnp.ones((b, length), jnp.int32)
-    at = jnp.tile(jnp.arange(positions) * 5, (b, 1))
-    forward = jax.jit(lambda p, i: module.apply({"params": p}, i, jnp.ones_like(i), at))
-    cost = forward.lower(params, ids).compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    ours = b * sequence_flops(config, length, positions)
-    assert ours <= cost["flops"] <= 1.06 * ours, (ours, cost["flops"], cost["flops"] / ours)
+    ours, xla = ours_and_xla(config, positions)
+    assert ours <= xla <= 1.06 * ours, (ours, xla, xla / ours)
