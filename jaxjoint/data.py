@@ -6,7 +6,9 @@ A data source is a name or a path:
   default model (``jaxjoint/default/heldout_short.txt``, ``heldout_news.txt``);
 - ``snli`` / ``xsum``: the paper's sets, through ``datasets.load_dataset``
   (downloaded once, then read from the local cache);
-- a ``.txt`` file (one sentence a line) or a ``.jsonl`` file (a ``text`` field a line).
+- a ``.txt`` file (one sentence a line) or a ``.jsonl`` file (a ``text`` field a line);
+- a FASTA file (``.fa``, ``.fasta``) of protein sequences, one record a pair, for
+  a protein MLM (ESM-2) whose tokenizer reads one residue a token.
 
 Blank lines are not sentences. A sentence's ``index`` is its 0-based position in
 the source, and its masked positions depend only on ``(seed, index)``, so a
@@ -20,7 +22,7 @@ import dataclasses
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,8 @@ MASKINGS = ("random", "contiguous")
 LOCAL_SETS = {"default": SENTENCE_FILES["short"], "default-news": SENTENCE_FILES["news"]}
 HUB_SETS = {"snli": "stanfordnlp/snli", "xsum": "EdinburghNLP/xsum"}
 DATA_NAMES = (*LOCAL_SETS, *HUB_SETS)
+TEXT_SUFFIXES = (".txt", ".jsonl")
+FASTA_SUFFIXES = (".fa", ".fasta")
 MAX_TOKENS = 512  # the paper truncates every sentence to 512 tokens
 # An embedded set is scored on its first sentences only unless a count is given,
 # so that the README's first command answers in a few minutes on a laptop CPU.
@@ -52,6 +56,7 @@ class MaskedPair:
     text: the sentence as read.
     input_ids: int[L] with special tokens, gold tokens in place (a tuple).
     a, b: the positions A and B (A is the one drawn first).
+    id: the FASTA record's id (``>id description``); None for text.
     """
 
     index: int
@@ -59,6 +64,7 @@ class MaskedPair:
     input_ids: tuple[int, ...]
     a: int
     b: int
+    id: str | None = None
 
     @property
     def gold(self) -> tuple[int, int]:
@@ -77,19 +83,51 @@ def default_limit(data: str) -> int | None:
     return EMBEDDED_SAMPLE if data in LOCAL_SETS else None
 
 
-def load_sentences(data: str, limit: int | None = None) -> list[str]:
-    """The first ``limit`` sentences (all when None) of a named set or a file.
+@dataclasses.dataclass(frozen=True)
+class FastaRecord:
+    """One protein of a FASTA file.
+
+    id: the header's first word (``>id description``).
+    sequence: the residues, upper-cased, the record's lines joined.
+    path: the file; header_line: the 1-based line of its header.
+    lines: ``(line number, residues on it)`` for each sequence line, to place a residue in the file.
+    """
+
+    id: str
+    sequence: str
+    path: str
+    header_line: int
+    lines: tuple[tuple[int, int], ...]
+
+    def line_of(self, offset: int) -> int:
+        """The file line holding residue ``offset`` (0-based) of the sequence."""
+        for number, count in self.lines:
+            if offset < count:
+                return number
+            offset -= count
+        raise IndexError(offset)
+
+
+# What a data source yields: sentences, or the records of a FASTA file.
+Sentence = str | FastaRecord
+
+
+def load_sentences(data: str, limit: int | None = None) -> list[str] | list[FastaRecord]:
+    """The first ``limit`` sentences (all when None) of a named set or a file; for a
+    FASTA file, its first ``limit`` records.
 
     Raises ``UserError`` for an unknown name, a missing, unreadable or empty file,
-    a malformed ``.jsonl`` line, or a hub set that cannot be fetched.
+    a malformed ``.jsonl`` line or FASTA record, or a hub set that cannot be fetched.
     """
     if data in HUB_SETS:
         sentences = _hub_sentences(data, limit)
     else:
-        sentences = _file_sentences(_data_path(data))
+        path = _data_path(data)
+        sentences = fasta_records(path) if path.suffix in FASTA_SUFFIXES else _file_sentences(path)
     sentences = sentences if limit is None else sentences[:limit]
     if not sentences:
-        raise UserError(f"data {data!r} holds no sentences")
+        what = "FASTA records" if Path(data).suffix in FASTA_SUFFIXES else "sentences"
+        raise UserError(f"data {data!r} holds no {what}")
     return sentences
 
 
@@ -102,24 +140,29 @@ def _data_path(data: str) -> Path:
                 "or give a .txt/.jsonl path")
         return path
     path = Path(data).expanduser()
-    if path.suffix not in (".txt", ".jsonl"):
+    if path.suffix not in (*TEXT_SUFFIXES, *FASTA_SUFFIXES):
         if not path.exists():
             raise UserError(
                 f"unknown data {data!r}: give one of {', '.join(DATA_NAMES)} "
-                "or a path to a .txt or .jsonl file")
-        raise UserError(f"data file {data} must end in .txt (a sentence a line) or .jsonl (a 'text' field)")
+                "or a path to a .txt, .jsonl or FASTA (.fa, .fasta) file")
+        raise UserError(f"data file {data} must end in .txt (a sentence a line), .jsonl (a 'text' field) "
+                        "or .fa/.fasta (protein sequences)")
     if not path.is_file():
         raise UserError(f"data file {data} does not exist")
     return path
 
 
-def _file_sentences(path: Path) -> list[str]:
+def _read_lines(path: Path) -> list[str]:
     try:
         # Lines end at "\n" alone: str.splitlines would also split at form feeds and
         # U+2028, which may stand inside a sentence or a JSON string.
-        lines = [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+        return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read data file {path} ({err})") from None
+
+
+def _file_sentences(path: Path) -> list[str]:
+    lines = _read_lines(path)
     if path.suffix == ".txt":
         return [line.strip() for line in lines if line.strip()]
     sentences = []
@@ -135,6 +178,49 @@ def _file_sentences(path: Path) -> list[str]:
         if text.strip():
             sentences.append(text.strip())
     return sentences
+
+
+def fasta_records(path: Path) -> list[FastaRecord]:
+    """The records of a FASTA file, in file order.
+
+    A record is a header line ``>id description`` and the sequence lines up to the
+    next header; sequence lines may wrap anywhere, blank lines and whitespace are
+    dropped, lower case is read as upper case. Which characters are residues
+    depends on the model: ``make_pairs`` checks them. A header without an id, a
+    record without residues, or a sequence line before the first header is a
+    ``UserError`` naming the line.
+    """
+    records: list[FastaRecord] = []
+    header: tuple[str, int] | None = None  # (id, line) of the record being read
+    chunks: list[str] = []
+    spans: list[tuple[int, int]] = []
+
+    def finish() -> None:
+        if header is None:
+            return
+        if not chunks:
+            raise UserError(f"{path}:{header[1]}: FASTA record {header[0]!r} has no sequence; "
+                            "remove the record or add its residues")
+        records.append(FastaRecord(header[0], "".join(chunks), str(path), header[1], tuple(spans)))
+
+    for number, line in enumerate(_read_lines(path), 1):
+        residues = "".join(line.split())
+        if not residues:
+            continue
+        if residues.startswith(">"):
+            finish()
+            words = line.strip()[1:].split()
+            if not words:
+                raise UserError(f"{path}:{number}: FASTA header without an id; write '>ID description'")
+            header, chunks, spans = (words[0], number), [], []
+        elif header is None:
+            raise UserError(f"{path}:{number}: sequence before the first header; "
+                            "a FASTA record starts with a line '>ID description'")
+        else:
+            chunks.append(residues.upper())
+            spans.append((number, len(residues)))
+    finish()
+    return records
 
 
 @contextlib.contextmanager
@@ -220,27 +306,69 @@ def sentence_rng(seed: int, index: int) -> np.random.Generator:
 
 
 def make_pairs(
-    sentences: Sequence[str],
+    sentences: Sequence[Sentence],
     tokenizer: Any,
     *,
     masking: str,
     seed: int,
     max_length: int,
 ) -> tuple[list[MaskedPair], int]:
-    """Tokenize ``sentences`` and choose each one's pair.
+    """Tokenize ``sentences`` (or FASTA records) and choose each one's pair.
 
     Sentences are truncated to ``max_length`` tokens (special tokens included).
+    A FASTA record's residues must all be in the tokenizer's alphabet
+    (``protein_alphabet``), else a ``UserError`` names the record, its line and
+    the character; its pair keeps the record's id.
     Returns the pairs, in sentence order, and how many sentences were skipped for
     having fewer than two maskable tokens (no adjacent pair, for contiguous masking).
     """
     if tokenizer is None:
         raise UserError("the checkpoint has no tokenizer files; evaluation needs one to read text")
+    alphabet = protein_alphabet(tokenizer) if any(isinstance(s, FastaRecord) for s in sentences) else None
     pairs, skipped = [], 0
-    for index, text in enumerate(sentences):
+    for index, item in enumerate(sentences):
+        text, record_id = item, None
+        if isinstance(item, FastaRecord):
+            check_residues(item.sequence, alphabet,
+                           lambda i, r=item: f"{r.path}:{r.line_of(i)}: FASTA record {r.id!r}")
+            text, record_id = item.sequence, item.id
         encoded = tokenizer(text, truncation=True, max_length=max_length, return_special_tokens_mask=True)
         positions = choose_positions(encoded["special_tokens_mask"], masking, sentence_rng(seed, index))
         if positions is None:
             skipped += 1
             continue
-        pairs.append(MaskedPair(index, text, tuple(int(t) for t in encoded["input_ids"]), *positions))
+        pairs.append(MaskedPair(index, text, tuple(int(t) for t in encoded["input_ids"]), *positions, id=record_id))
     return pairs, skipped
+
+
+# --- proteins -------------------------------------------------------------------------------
+
+# The twenty standard amino acids: a protein tokenizer reads each as one token.
+AMINO_ACIDS = "ACDEFGHIKLMNPQRSTVWY"
+
+
+def protein_alphabet(tokenizer: Any) -> frozenset[str]:
+    """The residues ``tokenizer`` reads, one token each: its one-character tokens that
+    are not special (ESM-2: the 20 amino acids, X B U Z O, and the gaps ``.`` ``-``).
+
+    Raises ``UserError`` when the tokenizer is not a protein one: it lacks one of
+    the 20 standard amino acids, or does not read them one token each.
+    """
+    special = set(tokenizer.all_special_ids)
+    alphabet = frozenset(t for t, i in tokenizer.get_vocab().items() if len(t) == 1 and i not in special)
+    encoded = tokenizer(AMINO_ACIDS, add_special_tokens=False)["input_ids"]
+    if not set(AMINO_ACIDS) <= alphabet or tokenizer.convert_ids_to_tokens(encoded) != list(AMINO_ACIDS):
+        raise UserError("protein sequences need a protein MLM whose tokenizer reads one residue a token "
+                        "(ESM-2, such as facebook/esm2_t6_8M_UR50D); this model's tokenizer does not")
+    return alphabet
+
+
+def check_residues(sequence: str, alphabet: frozenset[str], where: Callable[[int], str]) -> None:
+    """``UserError`` at the first character of ``sequence`` outside ``alphabet``;
+    ``where(offset)`` says where that character is, as the message's start."""
+    for offset, char in enumerate(sequence):
+        if char not in alphabet:
+            letters = "".join(sorted(alphabet, key=lambda c: (not c.isalpha(), c)))  # letters, then gaps
+            unknown = " (X stands for an unknown residue)" if "X" in alphabet else ""
+            raise UserError(f"{where(offset)}: {char!r} is not in the model's alphabet {letters}; "
+                            f"remove or replace it{unknown}")

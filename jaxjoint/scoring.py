@@ -64,13 +64,17 @@ def score_tables(
 
 
 def pair_record(pair: MaskedPair, metrics: dict[str, dict[str, float]], unary: float) -> dict[str, Any]:
-    """The ``pairs.jsonl`` line of one finished pair."""
-    return {
-        "index": pair.index,
+    """The ``pairs.jsonl`` line of one finished pair; ``id`` (after ``index``) only for
+    a FASTA record, so that a text run's lines are what they always were."""
+    record: dict[str, Any] = {"index": pair.index}
+    if pair.id is not None:
+        record["id"] = pair.id
+    record.update({
         "text": pair.text,
         "input_ids": list(pair.input_ids),
         "positions": [pair.a, pair.b],
         "gold": list(pair.gold),
         "metrics": metrics,
         "mlm_unary_u_nll": unary,
-    }
+    })
+    return record
