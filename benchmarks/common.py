@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+import jaxjoint.models
 from jaxjoint.default import MODEL_DIR as DEFAULT_MODEL_DIR
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
 
@@ -26,10 +27,16 @@ SHAPES: dict[str, dict[str, Any]] = {
     "bert-large-cased": dict(_BERT, vocab_size=28996, hidden_size=1024, num_hidden_layers=24,
                              num_attention_heads=16, intermediate_size=4096),
 }
+# ModernBERT-base/-large and ESM-2 8M ... 3B: the shipped hub configs, named without
+# their organisation (answerdotai--ModernBERT-base.json is "ModernBERT-base").
+HUB_CONFIG_DIR = Path(jaxjoint.models.__file__).parent / "hub_configs"
+SHAPES.update({path.stem.split("--", 1)[1]: json.loads(path.read_text())
+               for path in sorted(HUB_CONFIG_DIR.glob("*--*.json"))})
 
 
 def model_shape(name: str) -> EncoderConfig:
-    """``bert-base-cased``, ``bert-large-cased``, or ``default`` (the embedded model's config)."""
+    """A name of ``SHAPES`` (``bert-base-cased``, ``ModernBERT-base``, ``esm2_t33_650M_UR50D``, ...),
+    or ``default`` (the embedded model's config)."""
     if name == "default":
         return encoder_config_from_hf(json.loads((DEFAULT_MODEL_DIR / "config.json").read_text()))
     return encoder_config_from_hf(SHAPES[name])

@@ -43,7 +43,9 @@ from jaxjoint.models.mlm import random_params
 from jaxjoint.sharding import make_mesh
 from jaxjoint.tables import bucket_length, pair_tables
 
-MASK_ID = 4
+MASK_ID = 4  # the [MASK] of a random-weight shape without its own (ESM-2's is 32)
+# ESM-2's vocabulary: <cls> 0, <eos> 2, the 20 amino acids at 4..23.
+ESM_CLS, ESM_EOS, ESM_RESIDUES = 0, 2, (4, 24)
 
 
 def checkpoint(shape: str, vocab: int | None, directory: Path) -> Path:
@@ -53,15 +55,27 @@ def checkpoint(shape: str, vocab: int | None, directory: Path) -> Path:
         return DEFAULT_MODEL_DIR
     config = model_shape(shape)
     if vocab:
-        config = dataclasses.replace(config, vocab_size=vocab)
-    save_checkpoint(directory, config, random_params(config), mask_token_id=MASK_ID)
+        # ModernBERT's pad id (50283) sits at the end of its vocabulary.
+        config = dataclasses.replace(config, vocab_size=vocab, pad_token_id=min(config.pad_token_id, vocab - 1))
+    save_checkpoint(directory, config, random_params(config), mask_token_id=mask_id(config))
     return directory
 
 
-def sentence(vocab: int, length: int) -> np.ndarray:
+def mask_id(config) -> int:
+    """The shape's own [MASK] (ESM's token dropout reads it), else ``MASK_ID``."""
+    return getattr(config, "mask_token_id", MASK_ID)
+
+
+def sentence(config, length: int) -> np.ndarray:
+    """int[length]: random tokens between two specials; a protein's residues for ESM."""
     rng = np.random.default_rng(length)
-    ids = rng.integers(min(1000, vocab // 2), vocab, size=length)
-    ids[0], ids[-1] = 2, 3
+    if config.family == "esm":
+        ids = rng.integers(*ESM_RESIDUES, size=length)
+        ids[0], ids[-1] = ESM_CLS, ESM_EOS
+    else:
+        vocab = config.vocab_size
+        ids = rng.integers(min(1000, vocab // 2), vocab, size=length)
+        ids[0], ids[-1] = 2, 3
     return ids.astype(np.int64)
 
 
@@ -81,12 +95,12 @@ def run_jaxjoint(mlm, ids, a, b, dtype, methods, ag_iters, repeats) -> dict[str,
     return seconds
 
 
-def run_baseline(model, ids, a, b, methods, ag_iters, device) -> dict[str, float]:
+def run_baseline(model, ids, a, b, mask, methods, ag_iters, device) -> dict[str, float]:
     from benchmarks import paper_baseline  # PyTorch: imported only when the baseline runs
 
     gold = (int(ids[a]), int(ids[b]))
     start = time.perf_counter()
-    t = paper_baseline.tables(model, ids, a, b, MASK_ID, device=device)
+    t = paper_baseline.tables(model, ids, a, b, mask, device=device)
     seconds = {"tables": time.perf_counter() - start}
     start = time.perf_counter()
     joints = paper_baseline.joints(t, device=device, ag_iters=ag_iters)
@@ -131,14 +145,14 @@ def main() -> None:
             directory = checkpoint(shape, args.vocab, tmp)
             mlm = load_mlm(directory)
             if mlm.tokenizer is None:
-                mlm.hf_config["mask_token_id"] = MASK_ID
+                mlm.hf_config["mask_token_id"] = mask_id(mlm.config)
             torch_model = None if args.no_baseline else transformers.AutoModelForMaskedLM.from_pretrained(
                 directory).eval().to(device)
             for length in args.length:
-                ids = sentence(mlm.vocab_size, length)
+                ids = sentence(mlm.config, length)
                 a, b = 1, length - 2
                 baseline = None if torch_model is None else run_baseline(
-                    torch_model, ids, a, b, methods, args.ag_iters, device)
+                    torch_model, ids, a, b, mlm.mask_token_id, methods, args.ag_iters, device)
                 for dtype in args.dtype:
                     s = run_jaxjoint(mlm, ids, a, b, dtype, methods, args.ag_iters, args.repeats)
                     total = sum(s.values())

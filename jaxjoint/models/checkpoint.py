@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from jaxjoint.errors import UserError
 from jaxjoint.models import rotary
-from jaxjoint.models.config import EncoderConfig, EsmEncoderConfig, encoder_config_from_hf
+from jaxjoint.models.config import EncoderConfig, EsmEncoderConfig, ModernBertEncoderConfig, encoder_config_from_hf
 from jaxjoint.models.families import init_params
 
 Params = dict[str, Any]
@@ -319,7 +319,11 @@ def _load_pickled(path: Path) -> dict[str, np.ndarray]:
 
 
 def hf_config_from_encoder(config: EncoderConfig, **extra: Any) -> dict[str, Any]:
-    """A ``config.json`` dict for a BERT-family model (``family`` bert or roberta)."""
+    """A ``config.json`` dict for ``config`` (``family`` bert, roberta, modernbert or esm)."""
+    if isinstance(config, ModernBertEncoderConfig):
+        return {**_modernbert_hf_config(config), **extra}
+    if isinstance(config, EsmEncoderConfig):
+        return {**_esm_hf_config(config), **extra}
     if config.family not in ("bert", "roberta"):
         raise ValueError(f"writing {config.family} configs is not supported")
     arch = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[config.family]
@@ -341,6 +345,60 @@ def hf_config_from_encoder(config: EncoderConfig, **extra: Any) -> dict[str, Any
     }
 
 
+def _modernbert_hf_config(c: ModernBertEncoderConfig) -> dict[str, Any]:
+    return {
+        "architectures": ["ModernBertForMaskedLM"],
+        "model_type": "modernbert",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "intermediate_size": c.intermediate_size,
+        "max_position_embeddings": c.max_positions,
+        "norm_eps": c.layer_norm_eps,
+        "hidden_activation": c.hidden_act,
+        "classifier_activation": c.head_act,
+        "pad_token_id": c.pad_token_id,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "global_rope_theta": c.global_rope_theta,
+        "local_rope_theta": c.local_rope_theta,
+        "local_attention": 2 * c.local_window,
+        "layer_types": ["sliding_attention" if local else "full_attention" for local in c.local_layers],
+        "norm_bias": c.norm_bias,
+        "attention_bias": c.attention_bias,
+        "mlp_bias": c.mlp_bias,
+        "classifier_bias": c.head_bias,
+        "decoder_bias": c.decoder_bias,
+    }
+
+
+def _esm_hf_config(c: EsmEncoderConfig) -> dict[str, Any]:
+    hf: dict[str, Any] = {
+        "architectures": ["EsmForMaskedLM"],
+        "model_type": "esm",
+        "vocab_size": c.vocab_size,
+        "hidden_size": c.hidden_size,
+        "num_hidden_layers": c.num_layers,
+        "num_attention_heads": c.num_heads,
+        "intermediate_size": c.intermediate_size,
+        "max_position_embeddings": c.max_positions,
+        "layer_norm_eps": c.layer_norm_eps,
+        "hidden_act": c.hidden_act,
+        "pad_token_id": c.pad_token_id,
+        "tie_word_embeddings": c.tie_word_embeddings,
+        "position_embedding_type": "rotary" if c.rotary else "absolute",
+        "token_dropout": c.token_dropout,
+        "emb_layer_norm_before": c.emb_layer_norm_before,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    if c.rotary:
+        hf["rope_theta"] = c.rope_theta
+    if c.mask_token_id >= 0:
+        hf["mask_token_id"] = c.mask_token_id
+    return hf
+
+
 def save_checkpoint(directory: str | Path, config: EncoderConfig, params: Params, **hf_extra: Any) -> None:
     """Write ``config.json`` + ``model.safetensors`` with PyTorch key names.
 
@@ -353,7 +411,9 @@ def save_checkpoint(directory: str | Path, config: EncoderConfig, params: Params
     for path, (torch_name, kind) in parameter_keys(config).items():
         node = params
         for part in path:
-            node = node[part]
+            node = node.get(part) if isinstance(node, Mapping) else None
+        if node is None:  # a module this model does not have (ModernBERT's first attention norm)
+            continue
         for leaf, candidates, transpose in _leaf_keys(kind, torch_name):
             if leaf and leaf not in node:  # a bias the family switches off
                 continue
