@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from jaxjoint import UserError, load_mlm, scoring
@@ -18,6 +17,7 @@ from jaxjoint.run import evaluate
 from jaxjoint.run.plot import nll_by_distance, plot_run
 from jaxjoint.tables import pair_tables
 from tests.hf_fixtures import torch_model
+from tests.record_reference import assert_matches_reference, close, reference_record
 
 V = 53
 SENTENCES = [
@@ -47,115 +47,6 @@ def torch_double(sharp_ckpt):
 def run_config(sharp_ckpt, data_file, out, **overrides):
     values = {"model": str(sharp_ckpt), "data": str(data_file), "out": str(out), "devices": 1}
     return resolve_config({**values, **overrides})
-
-
-# --- float64 reference ------------------------------------------------------------------
-
-
-def log_softmax(x, axis):
-    x = x - x.max(axis=axis, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
-
-
-def logsumexp(x, axis=None):
-    m = np.max(x, axis=axis, keepdims=True)
-    s = m + np.log(np.exp(x - m).sum(axis=axis, keepdims=True))
-    return s.squeeze() if axis is None else np.squeeze(s, axis)
-
-
-def reference_tables(model, ids, a, b, mask_id):
-    """float64 fA[a, b], fB[a, b], and the both-masked logits at A and B, from PyTorch."""
-    ids = np.asarray(ids)
-
-    def forward(batch):
-        with torch.no_grad():
-            return model(input_ids=torch.as_tensor(batch)).logits.double().numpy()
-
-    def substituted(read, sub):
-        batch = np.tile(ids, (V, 1))
-        batch[:, read] = mask_id
-        batch[:, sub] = np.arange(V)
-        return forward(batch)[:, read]  # [token at sub, token at read]
-
-    both = ids.copy()
-    both[[a, b]] = mask_id
-    out = forward(both[None])[0]
-    return substituted(a, b).T, substituted(b, a), out[a], out[b]
-
-
-def reference_joints(fa, fb, ma, mb, *, ag_iters=40):
-    """Dense float64 log-joints of every method (DESIGN.md §1) and AG's diagnostics."""
-    lqa, lqb = log_softmax(fa, 0), log_softmax(fb, 1)
-    log_ma, log_mb = log_softmax(ma, 0), log_softmax(mb, 0)
-    norm = lambda x: x - logsumexp(x)  # noqa: E731
-    pivot = int(np.argmax(log_ma))
-    joints = {
-        "mlm": log_ma[:, None] + log_mb[None, :],
-        "mrf": norm(lqa + lqb),
-        "mrf_logit": norm(fa + fb),
-        "hcb": norm(lqa - lqa[pivot][None, :] + lqb[pivot][None, :]),
-    }
-    qa, qb = np.exp(lqa), np.exp(lqb)
-    p = np.full((V, V), 1.0 / V**2)
-    for _ in range(ag_iters):
-        pa, pb = p.sum(1), p.sum(0)
-        new = (qa + qb) / (1 / pa[:, None] + 1 / pb[None, :])
-        new /= new.sum()
-        delta = np.abs(new.sum(1) - pa).sum() + np.abs(new.sum(0) - pb).sum()
-        p = new
-    joints["ag"] = np.log(p)
-    info = {"iters": ag_iters, "delta": delta, "objective": kl_sums(lqa, lqb, np.log(p)).sum()}
-    return joints, info
-
-
-def kl_sums(lqa, lqb, lp):
-    """float64[2V]: KL(qA(.|b) || p(.|b)) for every b, then KL(qB(.|a) || p(.|a)) for every a."""
-    cond_a, cond_b = lp - logsumexp(lp, 0)[None, :], lp - logsumexp(lp, 1)[:, None]
-    kl_a = (np.exp(lqa) * (lqa - cond_a)).sum(0)
-    kl_b = (np.exp(lqb) * (lqb - cond_b)).sum(1)
-    return np.concatenate([kl_a, kl_b])
-
-
-def reference_record(model, record, mask_id, *, ag_iters=40):
-    """Every number of a pairs.jsonl record, recomputed in float64."""
-    a, b = record["positions"]
-    a0, b0 = record["gold"]
-    fa, fb, ma, mb = reference_tables(model, record["input_ids"], a, b, mask_id)
-    lqa, lqb = log_softmax(fa, 0), log_softmax(fb, 1)
-    joints, info = reference_joints(fa, fb, ma, mb, ag_iters=ag_iters)
-    metrics = {}
-    for method, lp in joints.items():
-        cond_a, cond_b = lp - logsumexp(lp, 0)[None, :], lp - logsumexp(lp, 1)[:, None]
-        kls = kl_sums(lqa, lqb, lp)
-        metrics[method] = {
-            "p_nll": -0.5 * lp[a0, b0],
-            "u_nll": -0.5 * (cond_a[a0, b0] + cond_b[a0, b0]),
-            "kl_gold": 0.5 * (kls[b0] + kls[V + a0]),
-            "kl_all": kls.mean(),
-        }
-    metrics["ag"].update(info)
-    return {"metrics": metrics, "mlm_unary_u_nll": -0.5 * (lqa[a0, b0] + lqb[a0, b0])}
-
-
-def close(key, got, want, rel_tol):
-    # delta is the difference of two successive iterates (marginals summing to 2):
-    # float32 rounds each to about 1e-7, whatever the size of the difference. A KL
-    # is a q-weighted sum of log-probability differences of size up to ~4 here,
-    # each rounded to ~6e-8 relative in float32: about 2e-7, however small the KL.
-    abs_tol = {"delta": 1e-6, "kl_gold": 2e-7, "kl_all": 2e-7}.get(key, 0.0)
-    return math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol)
-
-
-def assert_matches_reference(record, ref, methods):
-    assert sorted(record["metrics"]) == sorted(methods)
-    for method in methods:
-        got, want = record["metrics"][method], ref["metrics"][method]
-        expected_keys = {"p_nll", "u_nll", "kl_gold", "kl_all"} | ({"iters", "delta", "objective"}
-                                                                  if method == "ag" else set())
-        assert set(got) == expected_keys
-        for key in expected_keys:
-            assert close(key, got[key], want[key], 1e-4), (record["index"], method, key, got[key], want[key])
-    assert math.isclose(record["mlm_unary_u_nll"], ref["mlm_unary_u_nll"], rel_tol=1e-4)
 
 
 def read_lines(out):
