@@ -11,17 +11,19 @@ per pair, labelled as an estimate.
   ``report.to_json()``;
 - ``largest_fitting_chunk(mesh, config, length, dtype, budget_bytes=...)``: the
   cached chunk search, on real or compile-only devices;
-- ``resolve_target``, ``planning_config``: TARGET strings and model names.
+- ``resolve_target``, ``planning_config``: TARGET strings and model names;
+  ``target_for_devices(mesh.devices.flat)``: a run's own devices as a target.
 """
 
 from jaxjoint.plan.fit import MAX_CHUNK, ChunkChoice, largest_fitting_chunk
 from jaxjoint.plan.models import planning_config, shipped_models
 from jaxjoint.plan.planner import DEFAULT_LENGTHS, make_plan
 from jaxjoint.plan.report import PlanReport, format_plan, write_json
-from jaxjoint.plan.targets import Target, resolve_target, use_only_cpu_backend
+from jaxjoint.plan.targets import (Target, resolve_target, target_for_devices, use_cpu_when_no_accelerator,
+                                   use_only_cpu_backend)
 
 __all__ = [
     "DEFAULT_LENGTHS", "MAX_CHUNK", "ChunkChoice", "PlanReport", "Target", "format_plan",
     "largest_fitting_chunk", "make_plan", "planning_config", "resolve_target", "shipped_models",
-    "use_only_cpu_backend", "write_json",
+    "target_for_devices", "use_cpu_when_no_accelerator", "use_only_cpu_backend", "write_json",
 ]

@@ -147,7 +147,13 @@ def _tpu_target(name: str, chip: Chip) -> Target:
 
 
 def _local_target() -> Target:
-    devices = tuple(jax.local_devices())
+    return target_for_devices(jax.local_devices())
+
+
+def target_for_devices(devices) -> Target:
+    """A ``local`` target over real ``devices`` (a run's mesh: ``mesh.devices.flat``),
+    with the memory limit the first one reports."""
+    devices = tuple(devices)
     device = devices[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     limit = stats.get("bytes_limit") if stats else None
