@@ -149,9 +149,11 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
 
     pr = sub.add_parser("pair", help="top joint pairs of one sentence under each method",
                         description="TEXT with two mask tokens, or TEXT and --positions I J (token indices, "
-                        "[CLS] = 0; the gold tokens there give the metrics too).", epilog=EPILOG)
+                        "[CLS] = 0; for a protein model, TEXT is the sequence and I J are residue numbers from 1; "
+                        "the tokens there are the gold pair and give the metrics too).", epilog=EPILOG)
     pr.add_argument("text", metavar="TEXT")
-    pr.add_argument("--positions", type=int, nargs=2, metavar=("I", "J"), help="token positions A and B")
+    pr.add_argument("--positions", type=int, nargs=2, metavar=("I", "J"),
+                    help="token positions A and B (residue numbers for a protein)")
     pr.add_argument("--top-k", type=int, default=10, metavar="K", help="pairs to list per method (default 10)")
     pr.add_argument("--config", metavar="FILE", help="YAML config file (keys as in configs/*.yaml)")
     add_arguments(pr, EvalConfig, "pair")
