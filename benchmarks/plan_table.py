@@ -90,7 +90,8 @@ def markdown(results: list[dict]) -> str:
         if fits:
             bound = "all rows" if bucket["n_chunks"] == 1 else ("memory" if bucket["next_chunk_up"] else "cap")
             chunk = f"{p['chunk_size']} ({bound})"
-        peak = f"{p['peak_bytes_per_device'] / 2**30:,.1f} / {p['usable_bytes_per_device'] / 2**30:,.1f} GiB"
+        at_least = ">= " if bucket.get("peak_is_lower_bound") else ""
+        peak = f"{at_least}{p['peak_bytes_per_device'] / 2**30:,.1f} / {p['usable_bytes_per_device'] / 2**30:,.1f} GiB"
         seconds = hours = device_hours = ratio = "-"
         if fits and p["estimated_seconds_per_pair"] is not None:
             h = p["estimated_hours_per_1000_pairs"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import time
 from typing import Any, Callable
 
@@ -42,7 +43,8 @@ class ProgramCost:
 
     peak_bytes: the most memory the program holds at once (its arguments, outputs
     and temporaries); None when the compiler refused it (``refused`` says why,
-    e.g. the TPU compiler's RESOURCE_EXHAUSTED over HBM). flops and bytes_accessed:
+    e.g. the TPU compiler's RESOURCE_EXHAUSTED over HBM; ``temp_bytes`` then holds
+    the temporaries it said it needs, 0 if it did not say). flops and bytes_accessed:
     XLA's HLO cost analysis (loop bodies once); optimal_seconds: the TPU compiler's
     own time estimate (None elsewhere).
     """
@@ -109,7 +111,12 @@ def compile_program(name: str, lower: Callable[[], jax.stages.Lowered]
         if "RESOURCE_EXHAUSTED" not in text:
             raise
         line = next((ln.strip() for ln in text.splitlines() if "RESOURCE_EXHAUSTED" in ln), text.splitlines()[0])
-        return ProgramCost(name, refused=line[:300], compile_seconds=time.perf_counter() - start), None
+        # The TPU compiler names what the program needs ("... HLO temporaries (60.93G)",
+        # in GiB): a lower bound on its peak.
+        need = re.search(r"\((\d+(?:\.\d+)?)G\)", line)
+        temps = int(float(need.group(1)) * 2**30) if need else 0
+        return ProgramCost(name, temp_bytes=temps, refused=line[:300],
+                           compile_seconds=time.perf_counter() - start), None
     seconds = time.perf_counter() - start
     memory = compiled.memory_analysis()
     arguments, outputs = memory.argument_size_in_bytes, memory.output_size_in_bytes

@@ -182,47 +182,58 @@ def other_programs(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, m
         def compute(method=method, opts=opts):
             joint_cost, joint = programs.derive_program(mesh, vocab, method, opts)
             if joint_cost.refused:
-                return joint_cost, joint_cost
+                return joint_cost, ProgramCost(f"metrics {method}", refused="not compiled: its joint was refused")
             return joint_cost, programs.metrics_program(mesh, joint)
 
         joints[method], metrics[method] = cached(
-            ("joint+metrics", _mesh_key(mesh), vocab, method, sorted(opts.items())), compute)
+            ("joint+metrics", 2, _mesh_key(mesh), vocab, method, sorted(opts.items())), compute)
     return both, assemble, joints, metrics
 
 
 @dataclasses.dataclass(frozen=True)
 class Phase:
-    """One moment of a run: a program and what is held beside it, per device."""
+    """One moment of a run: a program and what is held beside it, per device.
+
+    program_bytes: the program's peak; for a program the compiler refused, the
+    temporaries it said it needs (a lower bound: ``refused`` is True), or None
+    when it said nothing.
+    """
 
     program: str
     held_bytes: int
-    program_bytes: int | None  # None: the compiler refused the program
+    program_bytes: int | None
+    refused: bool = False
 
     @property
     def total_bytes(self) -> int | None:
         return None if self.program_bytes is None else self.held_bytes + self.program_bytes
 
 
-def phases(stage: StagePrograms, params_bytes: int, prefetch: int) -> list[Phase]:
-    """The run's per-device memory at each program (module docstring)."""
-    pair = stage.assemble.output_bytes  # one pair's tables, as the tables stage leaves them
-    table = stage.tables.output_bytes
+def phases(stage: StagePrograms, params_bytes: int, prefetch: int, table_bytes: int) -> list[Phase]:
+    """The run's per-device memory at each program (module docstring).
+
+    table_bytes: one table's rows on a device, float32; used where the compiler
+    refused the program that would have said (its layout may pad it)."""
+    # one pair's tables, as the tables stage leaves them
+    pair = stage.assemble.output_bytes or 2 * table_bytes
+    table = stage.tables.output_bytes or table_bytes
     held = prefetch * pair
 
-    def peak(c: ProgramCost) -> int | None:
-        return c.peak_bytes
+    def phase(name: str, held_bytes: int, c: ProgramCost, duplicate: int = 0) -> Phase:
+        if c.refused:
+            return Phase(name, held_bytes, c.temp_bytes or None, refused=True)
+        return Phase(name, held_bytes, c.peak_bytes - duplicate)
 
     out = [
-        Phase(stage.tables.name + ", first table", held, peak(stage.tables)),
-        Phase(stage.tables.name + ", second table", held + table, peak(stage.tables)),
-        Phase("both masked", held + 2 * table, peak(stage.both_masked)),
-        Phase("assemble", held + params_bytes, peak(stage.assemble)),
+        phase(stage.tables.name + ", first table", held, stage.tables),
+        phase(stage.tables.name + ", second table", held + table, stage.tables),
+        phase("both masked", held + 2 * table, stage.both_masked),
+        phase("assemble", held + params_bytes, stage.assemble),
     ]
     for method, cost in stage.joints.items():
-        out.append(Phase(f"joint {method}", held + params_bytes, peak(cost)))
+        out.append(phase(f"joint {method}", held + params_bytes, cost))
     for method, cost in stage.metrics.items():
         # The metrics core takes the tables twice (directly and inside the joint):
         # one buffer in a run, two arguments to XLA.
-        program = None if cost.peak_bytes is None else cost.peak_bytes - pair
-        out.append(Phase(f"metrics {method}", held + params_bytes, program))
+        out.append(phase(f"metrics {method}", held + params_bytes, cost, duplicate=pair))
     return out

@@ -103,15 +103,16 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
         choice = fit.largest_fitting_chunk(mesh, config, bucket, dtype, budget_bytes=budget, max_chunk=max_chunk)
     tables = choice.cost if choice else fit.tables_cost(mesh, config, bucket, dtype, fit.CHUNK_STEP)
     stage = fit.StagePrograms(tables, both, assemble, joints, metrics)
-    phases = fit.phases(stage, params, prefetch)
-    totals = [p.total_bytes for p in phases]
-    refused = any(t is None for t in totals)
-    worst = max((p for p in phases if p.total_bytes is not None), key=lambda p: p.total_bytes, default=None)
+    table_bytes = 4 * local_rows(mesh, config.vocab_size) * config.vocab_size
+    phases = fit.phases(stage, params, prefetch, table_bytes)
+    refused = any(p.refused for p in phases)
+    known = [p for p in phases if p.total_bytes is not None]
+    worst = max(known, key=lambda p: p.total_bytes, default=None)
     peak = None if worst is None else worst.total_bytes
     fits = choice is not None and not refused and (usable is None or peak <= usable)
     fits_without = None
     if not fits and prefetch > 0 and usable is not None and not refused:
-        bare = fit.phases(stage, params, 0)
+        bare = fit.phases(stage, params, 0, table_bytes)
         fits_without = all(p.total_bytes <= usable for p in bare if not p.program.startswith("tables")) and (
             fit.tables_fit(fit.tables_cost(mesh, config, bucket, dtype, fit.CHUNK_STEP), usable))
 
@@ -124,7 +125,7 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     if tables.flops and both.flops:
         # XLA counts lax.map's body, one chunk, once: per sequence = flops / chunk.
         xla = 2 * config.vocab_size * tables.flops / chunk + both.flops
-    table_bytes = tables.output_bytes
+    table_bytes = tables.output_bytes or table_bytes
     # Parameters are read once per chunk step, the table written once.
     tables_bytes = 2 * n_chunks * params + 2 * table_bytes
     xla_seconds = None
@@ -139,6 +140,7 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
         length=length, bucket=bucket, fits=fits, chunk_size=choice.chunk_size if choice else None,
         n_chunks=choice.n_chunks if choice else None, chunk=choice.chunk if choice else None,
         peak_bytes=peak, peak_program=None if worst is None else worst.program, phases=tuple(phases),
+        refused_programs=tuple(p.program for p in phases if p.refused),
         flops_per_pair=counted, xla_flops_per_pair=xla, executed_flops_per_pair=n * executed_per_device,
         ag_bytes_per_iteration=table_bytes if "ag" in methods else None, estimate=estimate,
         programs=tuple(programs), next_chunk_up=choice.next_up if choice else None,
@@ -152,8 +154,11 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
     v = config.vocab_size
     pair_gb = 2 * 4 * v * v / 1e9
     usable = target.usable_bytes_per_device
-    where = (f"peak {worst.peak_bytes / 2**30:.1f} GiB per device at '{worst.peak_program}'"
-             if worst.peak_bytes is not None else "the compiler refused a program as too large")
+    at_least = "at least " if worst.refused_programs else ""
+    where = (f"peak {at_least}{worst.peak_bytes / 2**30:.1f} GiB per device at '{worst.peak_program}'"
+             if worst.peak_bytes is not None else "the compiler refused programs as too large")
+    if worst.refused_programs:
+        where += f"; the compiler refused {len(worst.refused_programs)} of its programs as over memory"
     head = (f"{report.model} at {worst.bucket} tokens needs more than the {usable / 2**30:.1f} GiB usable on each of "
             f"{target.device_count} x {target.chip.name} ({where}; one pair's two V x V float32 tables are "
             f"{pair_gb:,.1f} GB at V = {v:,})")

@@ -85,6 +85,9 @@ class BucketPlan:
     programs: tuple[ProgramCost, ...]
     next_chunk_up: ProgramCost | None
     fits_without_prefetch: bool | None = None
+    # Programs the compiler refused as over memory; peak_bytes then counts what
+    # they said they need (a lower bound).
+    refused_programs: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,7 @@ class PlanReport:
             "chunk_size": worst.chunk_size,
             "peak_bytes_per_device": worst.peak_bytes if self.fits else max(
                 (b.peak_bytes or 0) for b in self.buckets),
+            "peak_is_lower_bound": any(b.refused_programs for b in self.buckets),
             "hbm_bytes_per_device": self.chip.memory_bytes,
             "usable_bytes_per_device": self.usable_bytes_per_device,
             "usable_memory_note": self.memory_note,
@@ -170,6 +174,7 @@ def _bucket_json(b: BucketPlan) -> dict[str, Any]:
         "length": b.length, "bucket": b.bucket, "fits": b.fits, "fits_without_prefetch": b.fits_without_prefetch,
         "chunk_size": b.chunk_size, "chunk_bound": chunk_bound(b), "n_chunks": b.n_chunks, "chunk": b.chunk,
         "peak_bytes_per_device": b.peak_bytes, "peak_program": b.peak_program,
+        "peak_is_lower_bound": bool(b.refused_programs), "refused_programs": list(b.refused_programs),
         "flops_per_pair": b.flops_per_pair, "xla_flops_per_pair": b.xla_flops_per_pair,
         "executed_flops_per_pair": b.executed_flops_per_pair,
         "ag_bytes_per_iteration_ideal": b.ag_bytes_per_iteration,
@@ -217,7 +222,7 @@ def format_plan(report: PlanReport) -> str:
         rows.append([
             str(b.length), str(b.bucket), "yes" if b.fits else "NO",
             "-" if b.chunk_size is None else f"{b.chunk_size} ({b.n_chunks} x {b.chunk}; {chunk_bound(b)})",
-            _gib(b.peak_bytes), b.peak_program or "-", f"{b.flops_per_pair / 1e15:.3f}",
+            (">= " if b.refused_programs else "") + _gib(b.peak_bytes), b.peak_program or "-", f"{b.flops_per_pair / 1e15:.3f}",
             "-" if b.xla_flops_per_pair is None else f"{b.xla_flops_per_pair / 1e15:.3f}",
             "-" if est is None else f"{est.seconds_per_pair:.3g}",
             "-" if est is None else f"{est.seconds_per_pair * 1000 / 3600:.3g}",
