@@ -186,7 +186,7 @@ def other_programs(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, m
             return joint_cost, programs.metrics_program(mesh, joint)
 
         joints[method], metrics[method] = cached(
-            ("joint+metrics", 2, _mesh_key(mesh), vocab, method, sorted(opts.items())), compute)
+            ("joint+metrics", _mesh_key(mesh), vocab, method, sorted(opts.items())), compute)
     return both, assemble, joints, metrics
 
 
