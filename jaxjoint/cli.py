@@ -1,4 +1,4 @@
-"""The ``jaxjoint`` command: evaluate, pair, plot, train-mlm.
+"""The ``jaxjoint`` command: evaluate, pair, plan, plot, train-mlm.
 
 Each subcommand is a thin layer: its flags come from the config declaration
 (``config.add_arguments``), its work from the library. Errors a user can fix are
@@ -21,8 +21,18 @@ import traceback
 from collections.abc import Sequence
 from typing import NoReturn
 
-from jaxjoint.config import EvalConfig, LaunchOptions, add_arguments, check_ag_flags, read_config_file, resolve_config
+from jaxjoint.config import (
+    EvalConfig,
+    LaunchOptions,
+    PlanOptions,
+    add_arguments,
+    check_ag_flags,
+    read_config_file,
+    resolve_config,
+    resolve_options,
+)
 from jaxjoint.errors import UserError
+from jaxjoint.sharding import use_cpu_when_no_accelerator
 
 EPILOG = "Paths in a config file are relative to the current directory; command-line values override it."
 TRAIN_HELP = "train a small BERT-style masked LM (how the default model was made)"
@@ -62,6 +72,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     config = _config(args)
     launch = (args.coordinator, args.num_processes, args.process_id)
+    use_cpu_when_no_accelerator()
     if config.distributed == "none":
         if any(v is not None for v in launch):
             raise UserError("--coordinator, --num-processes and --process-id need --distributed pairs or global")
@@ -108,12 +119,38 @@ def _run_pair(args: argparse.Namespace) -> int:
     if args.top_k < 1:
         raise UserError(f"--top-k must be >= 1, got {args.top_k}")
     config = _config(args)
+    use_cpu_when_no_accelerator()
     mlm = load_mlm(model_source(config.model), dtype=config.dtype)
     explanation = explain_text(mlm, args.text, args.positions, methods=config.methods, top_k=args.top_k,
                                ag_options=config.ag_options(), mesh=local_mesh(config.devices),
                                chunk_size=config.chunk_size)
     print(format_explanation(explanation, mlm.tokenizer))
     return 0
+
+
+# --- plan ------------------------------------------------------------------------------------
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    """Print the plan; exit 0 when a pair fits the target, 1 when it does not."""
+    from jaxjoint.default import model_source
+
+    options = resolve_options(PlanOptions, vars(args))
+    config = _config(args)
+    if options.target.strip().lower() == "local":
+        use_cpu_when_no_accelerator()  # other targets start JAX on its CPU alone
+    from jaxjoint.plan import format_plan, make_plan, write_json
+
+    report = make_plan(options.target, model_source(config.model), lengths=options.length, dtype=config.dtype,
+                       methods=config.methods, ag_options=config.ag_options(), prefetch=options.prefetch,
+                       max_chunk=options.max_chunk, suggest=not options.no_suggest)
+    print(format_plan(report))
+    if options.json:
+        try:
+            write_json(report, options.json)
+        except OSError as err:
+            raise UserError(f"cannot write {options.json} ({err.strerror})") from None
+    return 0 if report.fits else 1
 
 
 # --- plot -----------------------------------------------------------------------------------
@@ -158,6 +195,16 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     pr.add_argument("--config", metavar="FILE", help="YAML config file (keys as in configs/*.yaml)")
     add_arguments(pr, EvalConfig, "pair")
     pr.set_defaults(func=_run_pair)
+
+    pn = sub.add_parser("plan", help="will a run fit a GPU or TPU (present or not), with which chunk, how fast",
+                        description="Compile, without the hardware, the programs a run executes for TARGET and "
+                        "report per device: peak memory against the device's, the largest chunk that fits, FLOPs "
+                        "per pair, and an estimated (not measured) time per pair from a roofline. Exit status 1 "
+                        "when a pair does not fit.", epilog=EPILOG)
+    pn.add_argument("--config", metavar="FILE", help="YAML config file: its model, methods, dtype and AG options")
+    add_arguments(pn, PlanOptions, "plan")
+    add_arguments(pn, EvalConfig, "plan")
+    pn.set_defaults(func=_run_plan)
 
     pl = sub.add_parser("plot", help="PNG of NLL against token distance for an evaluate directory")
     pl.add_argument("directory", metavar="DIR")

@@ -40,22 +40,25 @@ DEFAULT_MODEL = default.NAME
 DISTRIBUTED_MODES = ("none", "pairs", "global")
 
 
-def option(default: Any, help: str, *, kind: str, metavar: str, choices: tuple[str, ...] = (),
+def option(default: Any, help: str, *, kind: str, metavar: str | None = None, choices: tuple[str, ...] = (),
            minimum: int | None = None, result: bool = False, per_host: bool = False,
-           commands: tuple[str, ...] = ("evaluate", "pair")) -> Any:
+           commands: tuple[str, ...] = ("evaluate", "pair", "plan"), many: bool = False,
+           required: bool = False) -> Any:
     """A config field with everything the command line, YAML and checks need.
 
     kind: how a value is read and checked: ``int`` (with ``minimum``), ``positive``
       (a float > 0), ``choice`` (one of ``choices``), ``methods`` (a list or
       comma-separated subset of ``METHODS``), ``path`` (a file or directory; made
-      absolute) or ``source`` (a built-in name, a hub name, or a path).
+      absolute), ``source`` (a built-in name, a hub name, or a path) or ``switch``
+      (a flag that takes no value).
     result: the value changes what a pair's record holds (a resumed run must match).
     per_host: may differ between the processes of one run (paths, the data slice).
-    commands: the subcommands that take it as a flag.
+    commands: the subcommands that take it as a flag; many: the flag takes one or
+      more values; required: the command needs it.
     """
     return dataclasses.field(default=default, metadata=dict(
         help=help, kind=kind, metavar=metavar, choices=choices, minimum=minimum, result=result,
-        per_host=per_host, commands=commands))
+        per_host=per_host, commands=commands, many=many, required=required))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +88,9 @@ class EvalConfig:
     dtype: str = option("float32", "compute dtype of the forward passes: float32 or bfloat16", kind="choice",
                         choices=tuple(DTYPES), metavar="DTYPE", result=True)
     chunk_size: int | None = option(None, "sequences per device per step (default: from the device's memory)",
-                                    kind="int", minimum=1, metavar="N")
+                                    kind="int", minimum=1, metavar="N", commands=("evaluate", "pair"))
     devices: int | None = option(None, "use the first N local devices (default all); in global mode, of each "
-                                 "process", kind="int", minimum=1, metavar="N")
+                                 "process", kind="int", minimum=1, metavar="N", commands=("evaluate", "pair"))
     distributed: str = option("none", "none (one process), or several processes started with the same command: "
                               "pairs (each process scores its own pairs on its devices: throughput) or global "
                               "(all devices of all processes on each pair: latency)", kind="choice",
@@ -120,6 +123,27 @@ class LaunchOptions:
                                     metavar="K", commands=("evaluate",))
 
 
+@dataclasses.dataclass(frozen=True)
+class PlanOptions:
+    """What ``jaxjoint plan`` asks beyond the run's config (``jaxjoint.plan.make_plan``)."""
+
+    target: str | None = option(None, "h100, h200, a100 or b200 with an optional xN device count (h100x8; more "
+                                "than 8 means hosts of 8), a TPU slice (v5e:2x2, v5p:2x2x1, v6e:2x4, v4:2x2x1), "
+                                "or local (this machine's devices)", kind="source", metavar="TARGET",
+                                commands=("plan",), required=True)
+    length: tuple[int, ...] = option((32,), "sentence lengths in tokens, special tokens included; each is planned "
+                                     "at its bucket", kind="int", minimum=1, metavar="N", commands=("plan",),
+                                     many=True)
+    prefetch: int = option(1, "pairs queued on the devices behind the one being scored", kind="int", minimum=0,
+                           metavar="N", commands=("plan",))
+    max_chunk: int = option(4096, "the largest chunk to consider", kind="int", minimum=8, metavar="N",
+                            commands=("plan",))
+    no_suggest: bool = option(False, "when it does not fit, do not compile alternatives to name one that does",
+                              kind="switch", commands=("plan",))
+    json: str | None = option(None, "also write the report as JSON to FILE", kind="path", metavar="FILE",
+                              commands=("plan",))
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
 KEYS = tuple(FIELDS)
 
@@ -142,10 +166,14 @@ def add_arguments(parser: argparse.ArgumentParser, options: type, command: str) 
         meta = field.metadata
         if command not in meta["commands"]:
             continue
+        if meta["kind"] == "switch":
+            parser.add_argument(flag(field.name), dest=field.name, action="store_true", help=meta["help"])
+            continue
         kind = {"int": int, "positive": float}.get(meta["kind"], str)
-        shown = ",".join(field.default) if isinstance(field.default, tuple) else field.default
+        shown = ",".join(map(str, field.default)) if isinstance(field.default, tuple) else field.default
         default = f" (default {shown})" if field.default is not None else ""
         parser.add_argument(flag(field.name), dest=field.name, type=kind, metavar=meta["metavar"],
+                            nargs="+" if meta["many"] else None, required=meta["required"],
                             help=meta["help"] + default)
 
 
@@ -249,9 +277,28 @@ def shared_settings(config: EvalConfig) -> dict[str, Any]:
 # --- checking one value -------------------------------------------------------------------------
 
 
+def resolve_options(options: type, given: Mapping[str, Any]) -> Any:
+    """The dataclass ``options`` (``LaunchOptions``, ``PlanOptions``) from ``given``
+    values (None: not given, so the field's default), each checked as ``check_value`` does."""
+    values = {}
+    for field in dataclasses.fields(options):
+        value = given.get(field.name)
+        if value is None or field.metadata["kind"] == "switch":
+            values[field.name] = field.default if value is None else value
+        elif field.metadata["many"]:
+            values[field.name] = tuple(_checked(field, v) for v in value)
+        else:
+            values[field.name] = _checked(field, value)
+    return options(**values)
+
+
 def check_value(key: str, value: Any) -> Any:
     """The canonical form of config value ``key``; ``UserError`` when it is invalid."""
-    meta = FIELDS[key].metadata
+    return _checked(FIELDS[key], value)
+
+
+def _checked(field: dataclasses.Field, value: Any) -> Any:
+    key, meta = field.name, field.metadata
     kind = meta["kind"]
     if kind in ("path", "source"):
         if not isinstance(value, str) or not value.strip():

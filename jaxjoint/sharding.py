@@ -13,11 +13,15 @@ Which devices a mesh spans:
   when a caller passes no mesh;
 - ``global_mesh(per_process)``: the same number of devices from every process,
   the mesh of ``--distributed global``.
+
+And which backend JAX starts (``use_only_cpu_backend``, ``use_cpu_when_no_accelerator``):
+with the CUDA plugin and libtpu installed for ``jaxjoint plan``, JAX probes for both.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import jax
@@ -79,3 +83,42 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+# --- which backend JAX starts ------------------------------------------------------------
+
+
+def use_only_cpu_backend() -> None:
+    """Start JAX with its CPU backend only, unless something already chose.
+
+    Deviceless targets need no accelerator backend: the CUDA plugin then registers
+    without looking for cuDNN (which it otherwise requires before it offers the
+    GPU topology), and libtpu does not probe for a TPU that is not there. Has no
+    effect once JAX's backends are running or when ``JAX_PLATFORMS`` is set.
+    """
+    from jax._src import xla_bridge
+
+    if xla_bridge.backends_are_initialized() or os.environ.get("JAX_PLATFORMS"):
+        return
+    if jax.config.jax_platforms in (None, ""):
+        jax.config.update("jax_platforms", "cpu")
+
+
+def use_cpu_when_no_accelerator() -> None:
+    """Start JAX on its CPU backend alone when this machine shows no NVIDIA GPU and
+    no TPU chip and nothing chose the platforms (``JAX_PLATFORMS`` unset).
+
+    For commands that run on local devices: with JAX's CUDA plugin and libtpu
+    installed (``plan`` needs them), JAX otherwise probes for both at start-up and
+    prints a cuDNN traceback and libtpu warnings to stderr. Call before JAX starts
+    its backends; later it has no effect.
+    """
+    from jax._src import hardware_utils, xla_bridge
+
+    if xla_bridge.backends_are_initialized() or os.environ.get("JAX_PLATFORMS"):
+        return
+    if jax.config.jax_platforms not in (None, ""):
+        return
+    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
+    if tpu_chips == 0 and not hardware_utils.has_visible_nvidia_gpu():
+        jax.config.update("jax_platforms", "cpu")

@@ -14,7 +14,8 @@ import json
 import jax
 import jax.numpy as jnp
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops
@@ -236,7 +237,7 @@ def test_cpu_only_start_keeps_stderr_clean_with_the_plugins_installed():
     if hardware_utils.has_visible_nvidia_gpu() or hardware_utils.num_available_tpu_chips_and_device_id()[0]:
         pytest.skip("an accelerator is visible: JAX should probe for it")
     env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
-    code = ("from jaxjoint.plan.targets import use_cpu_when_no_accelerator as f; f(); "
+    code = ("from jaxjoint.sharding import use_cpu_when_no_accelerator as f; f(); "
             "import jax; print(jax.devices()[0].platform)")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "cpu"

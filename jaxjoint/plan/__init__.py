@@ -19,8 +19,8 @@ from jaxjoint.plan.fit import MAX_CHUNK, ChunkChoice, largest_fitting_chunk
 from jaxjoint.plan.models import planning_config, shipped_models
 from jaxjoint.plan.planner import DEFAULT_LENGTHS, make_plan
 from jaxjoint.plan.report import PlanReport, format_plan, write_json
-from jaxjoint.plan.targets import (Target, resolve_target, target_for_devices, use_cpu_when_no_accelerator,
-                                   use_only_cpu_backend)
+from jaxjoint.plan.targets import Target, resolve_target, target_for_devices
+from jaxjoint.sharding import use_cpu_when_no_accelerator, use_only_cpu_backend
 
 __all__ = [
     "DEFAULT_LENGTHS", "MAX_CHUNK", "ChunkChoice", "PlanReport", "Target", "format_plan",

@@ -14,9 +14,9 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 from jaxjoint.plan.compile import ProgramCost
 

@@ -19,7 +19,8 @@ import dataclasses
 import functools
 import re
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -28,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding
 from jaxjoint.joints import Joint, derive_joint
 from jaxjoint.joints.streaming import default_block_rows
 from jaxjoint.metrics import pair_metric_arrays
-from jaxjoint.models.families import masked_lm_module
 from jaxjoint.models.config import EncoderConfig
+from jaxjoint.models.families import masked_lm_module
 from jaxjoint.models.mlm import DTYPES, mlm_logits
 from jaxjoint.plan.models import abstract_params
 from jaxjoint.plan.targets import quiet_stderr

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.families import init_params
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
+from jaxjoint.models.families import init_params
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 # ModernBERT and ESM-2 hub configs, kept by jaxjoint.models (named org--name.json).

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops

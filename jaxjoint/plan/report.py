@@ -222,7 +222,8 @@ def format_plan(report: PlanReport) -> str:
         rows.append([
             str(b.length), str(b.bucket), "yes" if b.fits else "NO",
             "-" if b.chunk_size is None else f"{b.chunk_size} ({b.n_chunks} x {b.chunk}; {chunk_bound(b)})",
-            (">= " if b.refused_programs else "") + _gib(b.peak_bytes), b.peak_program or "-", f"{b.flops_per_pair / 1e15:.3f}",
+            (">= " if b.refused_programs else "") + _gib(b.peak_bytes), b.peak_program or "-",
+            f"{b.flops_per_pair / 1e15:.3f}",
             "-" if b.xla_flops_per_pair is None else f"{b.xla_flops_per_pair / 1e15:.3f}",
             "-" if est is None else f"{est.seconds_per_pair:.3g}",
             "-" if est is None else f"{est.seconds_per_pair * 1000 / 3600:.3g}",
@@ -234,7 +235,8 @@ def format_plan(report: PlanReport) -> str:
     worst = report.worst
     if worst.estimate is not None:
         est = worst.estimate
-        xla = "" if est.xla_tables_seconds is None else f"; the TPU compiler's own estimate of the tables stage {_duration(est.xla_tables_seconds)}"
+        xla = "" if est.xla_tables_seconds is None else (
+            f"; the TPU compiler's own estimate of the tables stage {_duration(est.xla_tables_seconds)}")
         lines.append(
             f"estimated per pair at bucket {worst.bucket}: tables stage {_duration(est.tables_seconds)}, joints and "
             f"metrics {_duration(est.joints_seconds)}; 1000 pairs {_duration(est.seconds_per_pair * 1000)}{xla}")

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 
 from jaxjoint.errors import UserError
 from jaxjoint.plan.hardware import Chip, chip_for_device_kind, chips, gpu_target_config_text
-from jaxjoint.sharding import make_mesh
+from jaxjoint.sharding import make_mesh, use_only_cpu_backend
 
 GPUS_PER_HOST = 8
 # JAX's GPU allocator takes this fraction of device memory unless
@@ -113,7 +113,8 @@ def _gpu_target(name: str, chip: Chip, count: int) -> Target:
             "with JAX_PLATFORMS=cpu on a machine without a GPU") from None
     fraction = gpu_memory_fraction()
     usable = int(chip.memory_bytes * fraction)
-    note = f"{fraction:.0%} of {chip.memory_bytes / 2**30:.1f} GiB (JAX's GPU allocator; XLA_PYTHON_CLIENT_MEM_FRACTION)"
+    note = (f"{fraction:.0%} of {chip.memory_bytes / 2**30:.1f} GiB "
+            "(JAX's GPU allocator; XLA_PYTHON_CLIENT_MEM_FRACTION)")
     chip = dataclasses.replace(chip, usable_memory_bytes=usable)
     return Target(name, chip, tuple(topology.devices), hosts, usable, note)
 
@@ -142,7 +143,8 @@ def _tpu_target(name: str, chip: Chip) -> Target:
                         "(pip install 'jax[tpu]')") from None
     devices = tuple(topology.devices)
     hosts = len({d.process_index for d in devices})
-    note = f"what the TPU compiler accepts per chip ({chip.usable_memory_bytes / 2**30:.2f} GiB of {chip.memory_bytes / 2**30:.0f} GiB)"
+    note = (f"what the TPU compiler accepts per chip ({chip.usable_memory_bytes / 2**30:.2f} GiB "
+            f"of {chip.memory_bytes / 2**30:.0f} GiB)")
     return Target(name, chip, devices, hosts, chip.usable_memory_bytes, note)
 
 
@@ -171,22 +173,6 @@ def target_for_devices(devices) -> Target:
     return Target("local", chip, devices, 1, limit, note)
 
 
-def use_only_cpu_backend() -> None:
-    """Start JAX with its CPU backend only, unless something already chose.
-
-    Deviceless targets need no accelerator backend: the CUDA plugin then registers
-    without looking for cuDNN (which it otherwise requires before it offers the
-    GPU topology), and libtpu does not probe for a TPU that is not there. Has no
-    effect once JAX's backends are running or when ``JAX_PLATFORMS`` is set.
-    """
-    from jax._src import xla_bridge
-
-    if xla_bridge.backends_are_initialized() or os.environ.get("JAX_PLATFORMS"):
-        return
-    if jax.config.jax_platforms in (None, ""):
-        jax.config.update("jax_platforms", "cpu")
-
-
 @contextlib.contextmanager
 def quiet_stderr():
     """Drop what native code writes to file descriptor 2 meanwhile: libtpu's
@@ -208,21 +194,3 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def use_cpu_when_no_accelerator() -> None:
-    """Start JAX on its CPU backend alone when this machine shows no NVIDIA GPU and
-    no TPU chip and nothing chose the platforms (``JAX_PLATFORMS`` unset).
-
-    For commands that run on local devices: with JAX's CUDA plugin and libtpu
-    installed (``plan`` needs them), JAX otherwise probes for both at start-up and
-    prints a cuDNN traceback and libtpu warnings to stderr. Call before JAX starts
-    its backends; later it has no effect.
-    """
-    from jax._src import hardware_utils, xla_bridge
-
-    if xla_bridge.backends_are_initialized() or os.environ.get("JAX_PLATFORMS"):
-        return
-    if jax.config.jax_platforms not in (None, ""):
-        return
-    tpu_chips, _ = hardware_utils.num_available_tpu_chips_and_device_id()
-    if tpu_chips == 0 and not hardware_utils.has_visible_nvidia_gpu():
-        jax.config.update("jax_platforms", "cpu")
