@@ -7,7 +7,7 @@ from typing import TextIO
 
 from tqdm import tqdm
 
-_FORMAT = "pairs {n_fmt}/{total_fmt}  {rate_fmt}  ETA {remaining}"
+_FORMAT = "pairs {n_fmt}/{total_fmt}  {rate_noinv_fmt}  ETA {remaining}"
 
 
 class _Lines:
