@@ -4,6 +4,7 @@ directory's behaviour does not depend on the method."""
 
 import builtins
 import errno
+import io
 import json
 import os
 import shutil
@@ -122,38 +123,69 @@ def test_repeated_records_are_kept_once(sharp_ckpt, sentences, clean_run, tmp_pa
 
 
 class FullDisk:
-    """``open`` for ``rundir`` whose writes to files named ``name`` fail with ENOSPC
-    once ``budget`` bytes are written, after writing what fits, as a full disk does."""
+    """The disk under ``rundir`` fills up: writes to files named ``name*`` fail with
+    ENOSPC once ``budget`` bytes are written, after writing what fits, as a full disk
+    does. Stands in for ``rundir``'s ``open`` (buffered files) and ``os`` (raw writes)."""
 
     def __init__(self, name: str, budget: int):
-        self.name, self.left = name, budget
+        self.name, self.left, self.fds = name, budget, set()
 
-    def open(self, path, mode="r", *args, **kwargs):
-        file = builtins.open(path, mode, *args, **kwargs)
-        return file if "r" in mode or not Path(path).name.startswith(self.name) else _Limited(file, self)
+    def ours(self, path) -> bool:
+        return Path(path).name.startswith(self.name)
+
+    def open(self, path, mode="r", *args, encoding=None, **kwargs):
+        if "r" in mode or not self.ours(path):
+            return builtins.open(path, mode, *args, encoding=encoding, **kwargs)
+        buffered = io.BufferedWriter(_LimitedRaw(path, mode.replace("b", "").replace("t", ""), self))
+        return buffered if "b" in mode else io.TextIOWrapper(buffered, encoding=encoding or "utf-8")
+
+    def take(self, data) -> int:
+        """How many of ``data``'s bytes fit; ENOSPC (after they are written) when not all do."""
+        fits = min(len(data), self.left)
+        self.left -= fits
+        return fits
 
 
-class _Limited:
-    def __init__(self, file, disk: FullDisk):
-        self._file, self._disk = file, disk
+class _Os:
+    """``os`` for ``rundir`` with ``open``/``write`` going through a ``FullDisk``."""
 
-    def write(self, data):
-        if len(data) > self._disk.left:
-            self._file.write(data[: self._disk.left])
-            self._file.flush()
-            self._disk.left = 0
+    def __init__(self, disk: FullDisk):
+        self._disk = disk
+
+    def open(self, path, flags, mode=0o777):
+        fd = os.open(path, flags, mode)
+        if self._disk.ours(path):
+            self._disk.fds.add(fd)
+        return fd
+
+    def write(self, fd, data):
+        if fd not in self._disk.fds:
+            return os.write(fd, data)
+        fits = self._disk.take(data)
+        if fits < len(data):
+            os.write(fd, bytes(data[:fits]))
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        self._disk.left -= len(data)
-        return self._file.write(data)
+        return os.write(fd, data)
 
     def __getattr__(self, name):
-        return getattr(self._file, name)
+        return getattr(os, name)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self._file.close()
+class _LimitedRaw(io.FileIO):
+    """A raw file on the full disk: what a buffered file above it sees of a real one
+    (bytes that did not fit stay in its buffer, as they do on a real disk)."""
+
+    def __init__(self, path, mode: str, disk: FullDisk):
+        super().__init__(path, mode)
+        self._disk = disk
+
+    def write(self, data):
+        fits = self._disk.take(data)
+        if fits < len(data):
+            if fits:
+                super().write(bytes(data)[:fits])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(data)
 
 
 @pytest.mark.parametrize("full_at", ["pairs.jsonl", "summary.md"])
@@ -163,13 +195,16 @@ def test_a_full_disk_ends_the_run_with_one_line_and_loses_nothing(
     clean = lines(clean_run)
     # pairs.jsonl: room for two records and part of the third. summary.md: none at all.
     budget = len(clean[0]) + len(clean[1]) + 2 + 40 if full_at == "pairs.jsonl" else 0
-    monkeypatch.setattr(rundir, "open", FullDisk(full_at, budget).open, raising=False)
+    disk = FullDisk(full_at, budget)
+    monkeypatch.setattr(rundir, "open", disk.open, raising=False)
+    monkeypatch.setattr(rundir, "os", _Os(disk))
     assert main(run_args(sharp_ckpt, sentences, out, "--max-sentences", "5")) == 2
     saved = 2 if full_at == "pairs.jsonl" else 5
     line = error_line(capsys)
     assert f"({os.strerror(errno.ENOSPC)}); {saved} finished pairs are safe in {out / 'pairs.jsonl'}" in line
     assert "run the same command again to resume" in line
-    assert lines(out) == clean[:saved]  # whole records only: the torn third one was cut off
+    # Whole records only: the part of the third that fitted was cut off again.
+    assert (out / "pairs.jsonl").read_text() == "".join(line + "\n" for line in clean[:saved])
     assert not any((out / name).exists() for name in rundir.SUMMARY_FILES)  # no summary, not even a part
     assert not list(out.glob("*.tmp"))
     monkeypatch.undo()

@@ -118,35 +118,34 @@ class PairWriter:
     def __init__(self, path: Path, failure: Callable[[OSError, Path], UserError]):
         self.path, self._failure = path, failure
         _, self._end = read_pairs(path)
-        self._file = open(path, "ab")
-        if self._file.tell() != self._end:  # a torn last line
+        # Unbuffered: a failed write leaves no bytes in a buffer that a later flush
+        # would append after the cut.
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if os.fstat(self._fd).st_size != self._end:  # a torn last line
             self._truncate()
 
     def append(self, record: Record) -> None:
         """Write one record and fsync it. When the write fails the file is cut back to
         its last whole record, as far as the disk allows, and ``UserError`` says so."""
+        data = memoryview((json.dumps(record) + "\n").encode("utf-8"))
         try:
-            self._file.write((json.dumps(record) + "\n").encode("utf-8"))
-            self._file.flush()
-            os.fsync(self._file.fileno())
+            while data:
+                data = data[os.write(self._fd, data):]
+            os.fsync(self._fd)
         except OSError as err:
             self._truncate()
             raise self._failure(err, self.path) from None
-        self._end = self._file.tell()
+        self._end = os.fstat(self._fd).st_size
 
     def _truncate(self) -> None:
         try:
-            self._file.truncate(self._end)
-            self._file.seek(self._end)
-            os.fsync(self._file.fileno())
+            os.ftruncate(self._fd, self._end)
+            os.fsync(self._fd)
         except OSError:
             pass  # a torn last line is dropped when the run resumes
 
     def close(self) -> None:
-        try:
-            self._file.close()
-        except OSError:
-            pass  # every record was flushed and fsynced by append
+        os.close(self._fd)
 
 
 class RunLock:
