@@ -15,10 +15,11 @@ from collections.abc import Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 from jaxjoint.errors import UserError
-from jaxjoint.joints import Joint, objective
-from jaxjoint.joints.streaming import default_block_rows, kl_terms
+from jaxjoint.joints import Joint, objective, resolve_mesh
+from jaxjoint.joints.streaming import default_block_rows, kl_terms, sharded_take
 from jaxjoint.tables import PairTables
 
 METRICS = ("p_nll", "u_nll", "kl_gold", "kl_all")
@@ -36,7 +37,7 @@ def pair_metric_arrays(tables: PairTables, joint: Joint, a0: jax.Array, b0: jax.
     for gold tokens int32[] ``a0``, ``b0``; traceable (no host transfer)."""
     v = tables.vocab_size
     log_qa = jax.nn.log_softmax(tables.logits_a[:, b0])[:v]  # qA(.|b0)
-    log_qb = jax.nn.log_softmax(tables.logits_b[a0])  # qB(.|a0)
+    log_qb = jax.nn.log_softmax(sharded_take(joint.mesh, tables.logits_b, a0))  # qB(.|a0)
     log_pa = joint.log_cond_a(b0)  # p(.|b0)
     log_pb = joint.log_cond_b(a0)  # p(.|a0)
     return {
@@ -82,18 +83,22 @@ def pair_metrics(
     return {key: float(values[key]) for key in METRICS}
 
 
-@jax.jit
-def _mlm_unary_nll(tables: PairTables, a0, b0) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def mlm_unary_nll_array(tables: PairTables, a0: jax.Array, b0: jax.Array, *, mesh: Mesh) -> jax.Array:
+    """The jitted core of ``mlm_unary_nll``: float32[] for gold tokens int32[] a0, b0,
+    with the tables row-sharded on ``mesh``."""
     log_qa = jax.nn.log_softmax(tables.logits_a[:, b0])[a0]
-    log_qb = jax.nn.log_softmax(tables.logits_b[a0])[b0]
+    log_qb = jax.nn.log_softmax(sharded_take(mesh, tables.logits_b, a0))[b0]
     return -0.5 * (log_qa + log_qb)
 
 
-def mlm_unary_nll(tables: PairTables, gold: tuple[int, int]) -> float:
+def mlm_unary_nll(tables: PairTables, gold: tuple[int, int], *, mesh: Mesh | None = None) -> float:
     """``mlm_unary_u_nll = -1/2 [log qA(a0|b0) + log qB(b0|a0)]``: the MLM's own
-    conditionals at the gold pair; O(V) work. tables: logits float32[Vp, V]."""
+    conditionals at the gold pair; O(V) work. tables: logits float32[Vp, V];
+    mesh: as for ``derive_joint`` (default: the one the tables are sharded on)."""
     a0, b0 = _check_gold(gold, tables.vocab_size)
-    return float(_mlm_unary_nll(tables, jnp.int32(a0), jnp.int32(b0)))
+    mesh = resolve_mesh(tables, mesh)
+    return float(mlm_unary_nll_array(tables, jnp.int32(a0), jnp.int32(b0), mesh=mesh))
 
 
 def _check_gold(gold: tuple[int, int], vocab_size: int) -> tuple[int, int]:

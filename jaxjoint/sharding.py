@@ -3,7 +3,7 @@
 Every V-sized batch of forward passes and every V x V table is split over one
 mesh axis, ``VOCAB_AXIS``. Parameters are replicated. JAX requires a sharded
 dimension to divide evenly, so the vocabulary axis is padded up to a multiple
-of the mesh size (``padded_size``) and the tail is masked by the consumer.
+of 8 rows per device (``padded_size``) and the tail is masked by the consumer.
 
 Which devices a mesh spans:
 
@@ -69,10 +69,18 @@ def mesh_size(mesh: Mesh | None) -> int:
     return 1 if mesh is None else mesh.shape[VOCAB_AXIS]
 
 
+# Rows per device are a multiple of this: the TPU compiler lays arrays out in tiles
+# of 8 rows and compiles the run's programs 50-90x slower on a ragged row count
+# (bert-base's V = 28,996 over 4 chips: 7,249 rows a chip, 52 s for the assembly
+# and 300 s for a metrics program, against 0.9 s and 3.5 s at 7,248).
+ROW_MULTIPLE = 8
+
+
 def padded_size(n: int, mesh: Mesh | None) -> int:
-    """``n`` rounded up to a multiple of the mesh size."""
-    k = mesh_size(mesh)
-    return math.ceil(n / k) * k
+    """``n`` rounded up to a multiple of 8 rows per device (``ROW_MULTIPLE``) on
+    ``mesh`` (one device when None): ``ceil(n / 8k) * 8k`` for k devices."""
+    step = ROW_MULTIPLE * mesh_size(mesh)
+    return math.ceil(n / step) * step
 
 
 def row_sharding(mesh: Mesh) -> NamedSharding:

@@ -37,9 +37,9 @@ class PairTables:
     """Unary conditionals of an MLM at positions A and B of one sentence.
 
     Indexing follows DESIGN.md: ``[a, b]``, a the token at A, b the token at B.
-    ``V`` is the vocabulary size; ``Vp >= V`` is V padded to a multiple of the
-    mesh size (``Vp == V`` without a mesh or when the mesh size divides V). Rows
-    ``a >= V`` are padding: their raw logits are ``-inf`` and every log-probability
+    ``V`` is the vocabulary size; ``Vp >= V`` is V padded to a multiple of 8 rows per
+    device of the mesh (``sharding.padded_size``; ``Vp == V`` for tables built with
+    ``tables_from_logits`` and no padding asked). Rows ``a >= V`` are padding: their raw logits are ``-inf`` and every log-probability
     view is ``-inf`` there, i.e. such an ``a`` has probability zero.
 
     Fields:
@@ -125,6 +125,14 @@ LONG_BUCKET_STEP = 128
 # chunks that stay near the 32 MiB L3 cache run 1.4-1.8x faster than 1 GiB ones
 # (bert-base and the default model on the 2-core EPYC, benchmarks/RESULTS.md).
 DEFAULT_CPU_BUDGET_BYTES = 1 << 26
+# Pairs a stream of tables keeps queued on the devices behind the one being scored.
+PREFETCH = 1
+# Chunks are multiples of 8 sequences: the batch of a chunk times the sentence
+# length is the row count of every matrix product, and 8 is the sublane tile of TPU
+# vector registers and a factor of every tensor-core tile; a finer choice would buy
+# at most 7 sequences. At most 4096 a step, wherever the chunk is chosen.
+CHUNK_STEP = 8
+MAX_CHUNK = 4096
 
 
 def bucket_length(length: int, max_positions: int) -> int:
@@ -156,33 +164,67 @@ def activation_bytes_per_sequence(config: EncoderConfig, length: int, dtype: str
     return per_layer + attention + 4 * config.vocab_size
 
 
-def memory_budget_bytes(device: jax.Device) -> int:
-    """Bytes for the substitution batch's activations on one device: a quarter of
-    what the device has left (the tables and parameters need the rest)."""
+def device_memory_limit(device: jax.Device) -> int | None:
+    """The bytes ``device``'s allocator may hold (``memory_stats()["bytes_limit"]``;
+    on a GPU, 75% of its memory unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says
+    otherwise), or None where the device reports none (CPU)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    if not stats or "bytes_limit" not in stats:
-        return DEFAULT_CPU_BUDGET_BYTES
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return max(free // 4, 1 << 26)
+    return stats.get("bytes_limit") if stats else None
 
 
-@functools.cache
-def _run_budget(device: jax.Device, config: EncoderConfig) -> int:
-    """``memory_budget_bytes`` as first read for this device and model: every pair
-    of a run then gets the same chunk size, and so the same compiled program,
-    whatever the tables in flight hold when it starts."""
-    return memory_budget_bytes(device)
+def mesh_memory_limit(mesh: Mesh) -> int | None:
+    """``device_memory_limit`` of this process's first device of ``mesh`` (only a
+    process's own devices report their memory)."""
+    return device_memory_limit(next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
 
 
 def default_chunk_size(config: EncoderConfig, length: int, dtype: str, budget_bytes: int) -> int:
-    """Sequences per device per step that fit ``budget_bytes`` of activations (multiple of 8)."""
+    """Sequences per device per step that fit ``budget_bytes`` of activations (a
+    multiple of ``CHUNK_STEP``, at most ``MAX_CHUNK``): the chunk on devices that
+    report no memory limit, with ``DEFAULT_CPU_BUDGET_BYTES``."""
     fit = budget_bytes // activation_bytes_per_sequence(config, length, dtype)
-    return int(max(8, min(4096, fit // 8 * 8)))
+    return int(max(CHUNK_STEP, min(MAX_CHUNK, fit // CHUNK_STEP * CHUNK_STEP)))
 
 
-def _chunking(rows: int, max_chunk: int) -> tuple[int, int]:
-    """(number of chunks, chunk size) covering ``rows`` with chunks of at most
-    ``max_chunk``, as even as possible so the last chunk wastes little."""
+def planned_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *,
+                       prefetch: int = PREFETCH) -> int:
+    """``chunk_size=None``'s choice for sentences padded to ``length`` on ``mesh``.
+
+    On devices that report their memory (GPU, TPU): the largest chunk whose
+    compiled tables programs fit what the device may hold beside ``prefetch`` pairs'
+    tables (``jaxjoint.plan.fit.run_chunk``; compiled once per device kind, mesh
+    size, model, bucket and dtype, and cached on disk), so the V x V tables are
+    budgeted, not only the activations. Raises ``UserError`` when not even 8
+    sequences fit. Elsewhere (CPU): ``default_chunk_size`` for
+    ``DEFAULT_CPU_BUDGET_BYTES`` of activations, nothing compiled.
+    """
+    # (On a mesh over several processes, pass chunk_size so that all compile the same program.)
+    limit = mesh_memory_limit(mesh)
+    if limit is None:
+        return default_chunk_size(config, length, dtype, DEFAULT_CPU_BUDGET_BYTES)
+    return _compiled_chunk_size(mesh, config, length, dtype, prefetch, limit)
+
+
+@functools.cache
+def _compiled_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, prefetch: int,
+                         limit: int) -> int:
+    # jaxjoint.plan compiles this module's programs: imported here, where it is needed.
+    from jaxjoint.plan.fit import run_chunk
+
+    choice = run_chunk(mesh, config, length, dtype, usable_bytes=limit, prefetch=prefetch)
+    if choice is None:
+        raise UserError(
+            f"a pair's tables at {length} tokens do not fit the {limit / 2**30:.2f} GiB of each of "
+            f"{mesh_size(mesh)} x {mesh.devices.flat[0].device_kind} beside {prefetch} queued pair(s), not even "
+            f"{CHUNK_STEP} sequences a step; `jaxjoint plan --target local --length {length}` says what would fit")
+    return choice.chunk_size
+
+
+def chunking(rows: int, max_chunk: int) -> tuple[int, int]:
+    """(number of chunks, chunk size) covering ``rows`` rows per device with chunks
+    of at most ``max_chunk`` (``chunk_size``), as even as possible so that the last
+    chunk, which overlaps the one before it, recomputes few rows. The one rule for
+    the split: ``substitution_table`` runs it, ``jaxjoint.plan`` compiles it."""
     n_chunks = math.ceil(rows / max_chunk)
     return n_chunks, math.ceil(rows / n_chunks)
 
@@ -205,17 +247,17 @@ def substitution_table(
     """float32[rows, V]: row t is the logits at ``read_pos`` with ``read_pos`` = [MASK]
     and ``sub_pos`` = token t. Rows ``t >= V`` (padding) are ``-inf``.
 
-    ``rows`` is V padded to the mesh size; each device computes its own block of rows
-    in ``n_chunks`` chunks of ``chunk`` sequences built on the device from the one
-    sentence ``input_ids`` int[L]. No communication: parameters are replicated.
+    ``rows`` is V padded for the mesh (``padded_size``); each device computes its own
+    block of rows in ``n_chunks`` chunks of ``chunk`` sequences (``chunking``) built on
+    the device from the one sentence ``input_ids`` int[L], writing each chunk in
+    place. No communication: parameters are replicated.
     """
     vocab = module.config.vocab_size
     local_rows = rows // mesh_size(mesh)
 
     def local_block(params, input_ids, attention_mask, read_pos, sub_pos, mask_id):
         first = jax.lax.axis_index(VOCAB_AXIS) * local_rows
-        # Pad this device's rows to whole chunks; the extra rows are sliced off below.
-        tokens = first + jnp.arange(n_chunks * chunk, dtype=jnp.int32)
+        offsets = jnp.arange(chunk, dtype=jnp.int32)
         base = input_ids.at[read_pos].set(mask_id)
 
         def one_chunk(values):
@@ -226,8 +268,14 @@ def substitution_table(
             logits = module.apply({"params": params}, ids, mask, positions)[:, 0]
             return jnp.where((values < vocab)[:, None], logits, -jnp.inf)
 
-        block = jax.lax.map(one_chunk, tokens.reshape(n_chunks, chunk))
-        return block.reshape(n_chunks * chunk, vocab)[:local_rows]
+        def write_chunk(k, table):
+            # The last chunk ends at the last row, overlapping the one before when
+            # the chunks do not tile the rows exactly: every chunk is written in place
+            # into the table, and no padded block (and copy of it) is formed.
+            start = jnp.minimum(k * chunk, local_rows - chunk)
+            return jax.lax.dynamic_update_slice_in_dim(table, one_chunk(first + start + offsets), start, axis=0)
+
+        return jax.lax.fori_loop(0, n_chunks, write_chunk, jnp.zeros((local_rows, vocab), jnp.float32))
 
     return jax.shard_map(
         local_block,
@@ -238,11 +286,18 @@ def substitution_table(
     )(params, input_ids, attention_mask, read_pos, sub_pos, mask_id)
 
 
-@functools.partial(jax.jit, static_argnames=("mesh", "vocab"))
-def _assemble(rows_b: jax.Array, logits_b: jax.Array, both_a: jax.Array, both_b: jax.Array,
-              *, mesh: Mesh, vocab: int) -> PairTables:
-    """Turn the [b, a]-indexed substitution table into ``logits_a[a, b]`` (one
-    all-to-all on a mesh) and pad the both-masked logits at A like the rows."""
+@functools.partial(jax.jit, static_argnames=("mesh", "vocab"), donate_argnames=("rows_b", "logits_b"))
+def assemble_tables(rows_b: jax.Array, logits_b: jax.Array, both_a: jax.Array, both_b: jax.Array,
+                    *, mesh: Mesh, vocab: int) -> PairTables:
+    """The last step of the tables stage: ``PairTables`` from the two substitution
+    tables float32[Vp, V] (row-sharded) and the both-masked logits float32[V] at A, B.
+
+    Turns the [b, a]-indexed ``rows_b`` into ``logits_a[a, b]`` (one all-to-all on a
+    mesh) and pads the both-masked logits at A like the rows. Both tables are
+    donated: ``logits_b`` is passed through in place and ``rows_b`` is freed once
+    transposed (a transpose needs a buffer of its own), so three tables, not four,
+    are live at the peak.
+    """
     rows = rows_b.shape[0]
     logits_a = jnp.pad(rows_b[:vocab].T, ((0, rows - vocab), (0, 0)), constant_values=-jnp.inf)
     shard = row_sharding(mesh)
@@ -272,12 +327,15 @@ def pair_tables(
     a, b: distinct positions in ``[0, L)``.
     mesh: a 1-D mesh over ``VOCAB_AXIS`` (``sharding.make_mesh()``); default one device
       (``sharding.local_mesh(1)``).
-    chunk_size: sequences per device per step; default from the device's memory.
+    chunk_size: sequences per device per step; default ``planned_chunk_size``: on a
+      GPU or TPU the largest whose compiled programs fit the device's memory beside
+      one more pair's tables, the same a run takes.
     dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; default ``mlm.dtype``.
 
     Runs 2·V + 1 forward passes (each with the head only at the masked position)
-    and returns ``PairTables`` with rows padded to a multiple of the mesh size and
-    sharded over it.
+    and returns ``PairTables`` with rows padded to a multiple of 8 per device
+    (``sharding.padded_size``) and sharded over the mesh. Raises ``UserError`` for
+    bad positions or ids, or when a pair's tables cannot fit the devices.
     """
     return _dispatch(mlm, _pad_to_bucket(mlm, input_ids, a, b), mesh=mesh, chunk_size=chunk_size, dtype=dtype)
 
@@ -310,19 +368,16 @@ def _pad_to_bucket(mlm: MaskedLM, input_ids: Any, a: int, b: int) -> _Padded:
 
 
 def _dispatch(mlm: MaskedLM, prep: _Padded, *, mesh: Mesh | None, chunk_size: int | None,
-              dtype: str | None) -> PairTables:
-    """Queue the device work for one prepared sentence; returns without waiting."""
+              dtype: str | None, prefetch: int = PREFETCH) -> PairTables:
+    """Queue the device work for one prepared sentence; returns without waiting.
+    ``prefetch``: pairs held on the devices meanwhile (for the chunk's budget)."""
     mesh = local_mesh(1) if mesh is None else mesh
     model = mlm if dtype is None else mlm.with_dtype(dtype)
     vocab = mlm.vocab_size
     rows = padded_size(vocab, mesh)
     if chunk_size is None:
-        # A device of this process: only those report their memory. (On a mesh over
-        # several processes, pass chunk_size so that all compile the same program.)
-        device = next(d for d in mesh.devices.flat if d.process_index == jax.process_index())
-        chunk_size = default_chunk_size(
-            mlm.config, prep.input_ids.shape[0], model.dtype, _run_budget(device, mlm.config))
-    n_chunks, chunk = _chunking(rows // mesh_size(mesh), chunk_size)
+        chunk_size = planned_chunk_size(mesh, mlm.config, prep.input_ids.shape[0], model.dtype, prefetch=prefetch)
+    n_chunks, chunk = chunking(rows // mesh_size(mesh), chunk_size)
 
     params = mlm.params_on(replicated(mesh))
     ids = jnp.asarray(prep.input_ids)
@@ -338,7 +393,7 @@ def _dispatch(mlm: MaskedLM, prep: _Padded, *, mesh: Mesh | None, chunk_size: in
         model.module, params,
         ids.at[prep.a].set(mask_id).at[prep.b].set(mask_id)[None], mask[None],
         jnp.array([[prep.a, prep.b]], jnp.int32))[0]
-    return _assemble(rows_b, logits_b, both[0], both[1], mesh=mesh, vocab=vocab)
+    return assemble_tables(rows_b, logits_b, both[0], both[1], mesh=mesh, vocab=vocab)
 
 
 def iter_pair_tables(
@@ -348,19 +403,45 @@ def iter_pair_tables(
     mesh: Mesh | None = None,
     chunk_size: int | None = None,
     dtype: str | None = None,
-    prefetch: int = 1,
+    prefetch: int = PREFETCH,
 ) -> Iterator[PairTables]:
     """``pair_tables`` for a stream of ``(input_ids int[L], a, b)``, in order.
 
     Keeps ``prefetch`` pairs queued on the devices ahead of the one handed out, so
     the next pair's forward passes run while the caller derives joints and metrics
     from this one (each queued pair holds its two V x V tables in device memory).
-    Sentences share one compiled program per length bucket.
+    Sentences share one compiled program per length bucket; ``chunk_size=None``
+    budgets each bucket's chunk beside ``prefetch`` pairs (``planned_chunk_size``).
+
+    Each ``PairTables`` handed out is valid until the next one is asked for: its
+    device buffers are then deleted, before the next pair is queued, so that no more
+    than ``prefetch`` pairs are held while one is computed (a caller's loop
+    variable would otherwise keep the last one alive). Keep what you need from it
+    (metrics, ``jax.device_get``) before asking for the next.
     """
     queue: collections.deque[PairTables] = collections.deque()
+    handed: PairTables | None = None
+
+    def hand_out() -> PairTables:
+        nonlocal handed
+        handed = queue.popleft()
+        return handed
+
     for input_ids, a, b in pairs:
-        queue.append(_dispatch(mlm, _pad_to_bucket(mlm, input_ids, a, b), mesh=mesh,
-                               chunk_size=chunk_size, dtype=dtype))
+        prep = _pad_to_bucket(mlm, input_ids, a, b)
+        if handed is not None:
+            _delete(handed)
+            handed = None
+        queue.append(_dispatch(mlm, prep, mesh=mesh, chunk_size=chunk_size, dtype=dtype, prefetch=prefetch))
         if len(queue) > prefetch:
-            yield queue.popleft()
-    yield from queue
+            yield hand_out()
+    while queue:
+        if handed is not None:
+            _delete(handed)
+        yield hand_out()
+
+
+def _delete(tables: PairTables) -> None:
+    """Free ``tables``' device buffers now (the caller may still hold the object)."""
+    for leaf in jax.tree.leaves(tables):
+        leaf.delete()

@@ -24,6 +24,7 @@ from jaxjoint.plan import cache, fit, format_plan, largest_fitting_chunk, make_p
 from jaxjoint.plan.compile import hlo_cost_analysis, local_rows, xla_cost
 from jaxjoint.plan.hardware import chips
 from jaxjoint.sharding import make_mesh
+from jaxjoint.tables import chunking
 from tests.hf_fixtures import hf_config
 
 TINY = EncoderConfig(
@@ -144,7 +145,7 @@ def test_tables_program_flops_agree_with_jaxjoint_flops(target):
     counted FLOPs of a sequence, plus elementwise work (a few percent at this width)."""
     mesh = resolve_target(target).mesh()
     cost = fit.tables_cost(mesh, TINY, 16, "float32", 64)
-    n_chunks, chunk = fit.chunking(local_rows(mesh, TINY.vocab_size), 64)
+    n_chunks, chunk = chunking(local_rows(mesh, TINY.vocab_size), 64)
     ours = sequence_flops(TINY, 16)
     assert ours <= cost.flops / chunk <= 1.1 * ours
     # the table this call writes: its rows of float32[Vp, V] on one device, which a

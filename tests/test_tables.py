@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from jaxjoint import UserError, load_mlm
-from jaxjoint.sharding import make_mesh
+from jaxjoint import UserError, load_mlm, tables
+from jaxjoint.sharding import make_mesh, padded_size
 from jaxjoint.tables import (
     bucket_length,
+    chunking,
     default_chunk_size,
     iter_pair_tables,
     pair_tables,
@@ -80,19 +81,23 @@ def assert_rel(got, ref, tol=1e-4):
 def test_tables_match_pytorch(mlm, reference, length, a, b):
     ids = sentence(length, seed=length + a)
     ref_a, ref_b, ref_ma, ref_mb = reference_tables(reference, ids, a, b)
-    t = pair_tables(mlm, ids, a, b, chunk_size=16)  # several chunks, last one partial
-    assert t.logits_a.shape == (53, 53) and t.vocab_size == 53
-    assert_rel(t.logits_a, ref_a)
-    assert_rel(t.logits_b, ref_b)
-    assert_rel(t.both_masked_a, ref_ma)
+    # 53 rows padded to 56; chunk_size 12: 5 chunks of 12, the last overlapping the fourth by 4 rows
+    assert chunking(56, 12) == (5, 12)
+    t = pair_tables(mlm, ids, a, b, chunk_size=12)
+    assert t.logits_a.shape == (56, 53) and t.vocab_size == 53
+    assert_rel(t.logits_a[:53], ref_a)
+    assert_rel(t.logits_b[:53], ref_b)
+    assert_rel(t.both_masked_a[:53], ref_ma)
     assert_rel(t.both_masked_b, ref_mb)
+    for padding in (t.logits_a[53:], t.logits_b[53:], t.both_masked_a[53:], t.log_q_a[53:], t.log_q_b[53:]):
+        assert np.all(np.asarray(padding) == -np.inf)
     # log-softmax views, against float64 references
     def log_softmax(x, axis):
         x = x - x.max(axis=axis, keepdims=True)
         return x - np.log(np.exp(x).sum(axis=axis, keepdims=True))
-    np.testing.assert_allclose(t.log_q_a, log_softmax(ref_a, 0), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(t.log_q_b, log_softmax(ref_b, 1), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(t.log_m_a, log_softmax(ref_ma, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(t.log_q_a[:53], log_softmax(ref_a, 0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(t.log_q_b[:53], log_softmax(ref_b, 1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(t.log_m_a[:53], log_softmax(ref_ma, 0), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("devices", [1, 7, 8])
@@ -102,32 +107,63 @@ def test_result_does_not_depend_on_device_count(mlm, devices):
     mesh = make_mesh(jax.devices()[:devices])
     sharded = pair_tables(mlm, ids, 2, 9, mesh=mesh, chunk_size=8)
     rows = sharded.logits_a.shape[0]
-    assert rows % devices == 0 and rows >= 53  # 53 is prime: always padded past 1 device
+    assert rows == padded_size(53, mesh) == {1: 56, 7: 56, 8: 64}[devices]  # 8 rows a device at least
+    assert single.logits_a.shape[0] == 56
     assert len(sharded.logits_a.sharding.device_set) == devices
     for name in ("logits_a", "logits_b", "both_masked_a"):
         got = np.asarray(getattr(sharded, name))
-        np.testing.assert_allclose(got[:53], np.asarray(getattr(single, name)), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got[:53], np.asarray(getattr(single, name))[:53], rtol=1e-6, atol=1e-6)
         assert np.all(got[53:] == -np.inf)
     np.testing.assert_allclose(sharded.both_masked_b, single.both_masked_b, rtol=1e-6, atol=1e-6)
     assert np.all(np.asarray(sharded.log_q_b)[53:] == -np.inf)
-    np.testing.assert_allclose(np.asarray(sharded.log_q_a)[:53], single.log_q_a, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(sharded.log_q_a)[:53], single.log_q_a[:53], rtol=1e-5, atol=1e-6)
+
+
+PAIRS = [(sentence(9, 0), 1, 4), (sentence(20, 1), 7, 8), (sentence(11, 2), 9, 2), (sentence(12, 3), 3, 5)]
 
 
 def test_iterator_matches_single_calls(mlm):
-    pairs = [(sentence(9, 0), 1, 4), (sentence(20, 1), 7, 8), (sentence(11, 2), 9, 2)]
-    streamed = list(iter_pair_tables(mlm, pairs, prefetch=1, chunk_size=32))
-    assert len(streamed) == 3
-    for (ids, a, b), t in zip(pairs, streamed):
+    count = 0
+    for (ids, a, b), t in zip(PAIRS, iter_pair_tables(mlm, PAIRS, prefetch=1, chunk_size=32)):
         one = pair_tables(mlm, ids, a, b, chunk_size=32)
         np.testing.assert_allclose(t.logits_a, one.logits_a, rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(t.logits_b, one.logits_b, rtol=1e-6, atol=1e-6)
+        count += 1
+    assert count == len(PAIRS)
+
+
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_iterator_holds_prefetch_pairs_while_it_queues_one(mlm, prefetch, monkeypatch):
+    """When the next pair is queued, only the ``prefetch`` pairs queued before it are
+    alive, not also the one the caller's loop variable still holds: that one is
+    deleted once the next is asked for (plan's memory model counts ``prefetch`` pairs)."""
+    real = tables._dispatch
+    alive_at_dispatch = []
+
+    def pairs_alive():
+        return sum(1 for x in jax.live_arrays() if x.shape == (56, 53)) // 2
+
+    def dispatch(*args, **kwargs):
+        alive_at_dispatch.append(pairs_alive() - before)
+        return real(*args, **kwargs)
+
+    before = pairs_alive()  # what other tests left behind
+    monkeypatch.setattr(tables, "_dispatch", dispatch)
+    previous = None
+    for t in iter_pair_tables(mlm, PAIRS, prefetch=prefetch, chunk_size=32):
+        assert not t.logits_a.is_deleted()
+        if previous is not None:
+            assert previous.logits_a.is_deleted() and previous.both_masked_b.is_deleted()
+        previous = t
+    assert alive_at_dispatch == [min(k, prefetch) for k in range(len(PAIRS))]
 
 
 def test_bfloat16_tables_close_to_float32(mlm):
     ids = sentence(10, 3)
     f32 = pair_tables(mlm, ids, 2, 6)
     bf16 = pair_tables(mlm, ids, 2, 6, dtype="bfloat16")
-    err = np.max(np.abs(np.asarray(bf16.logits_a) - np.asarray(f32.logits_a))) / np.max(np.abs(f32.logits_a))
+    real_a = np.asarray(f32.logits_a)[:53]
+    err = np.max(np.abs(np.asarray(bf16.logits_a)[:53] - real_a)) / np.max(np.abs(real_a))
     assert 0 < err < 3e-2
 
 

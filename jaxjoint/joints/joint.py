@@ -26,7 +26,7 @@ from jax.typing import ArrayLike
 from jaxjoint.errors import UserError
 from jaxjoint.joints import ag
 from jaxjoint.joints.cells import Normaliser, block_cell, log_cell
-from jaxjoint.joints.streaming import default_block_rows, kl_sum, normalisers, row_col_lse
+from jaxjoint.joints.streaming import default_block_rows, kl_sum, normalisers, row_col_lse, sharded_take
 from jaxjoint.sharding import VOCAB_AXIS, local_mesh, mesh_size
 from jaxjoint.tables import PairTables
 
@@ -115,8 +115,8 @@ def _cell_at(joint: Joint, a, b) -> jax.Array:
     t = joint.tables
     return log_cell(
         joint.method,
-        t.logits_a[a, b],
-        t.logits_b[a, b],
+        sharded_take(joint.mesh, t.logits_a, a, b),
+        sharded_take(joint.mesh, t.logits_b, a, b),
         joint.norm_a[b],
         joint.norm_b[a],
         joint.row[a],
@@ -167,8 +167,8 @@ def _derive(tables: PairTables, pivot, max_steps, tol, *, method, mesh, block_ro
         if pivot is None:
             pivot = jnp.argmax(tables.log_m_a)  # padding rows are -inf, never chosen
         pivot = jnp.asarray(pivot, jnp.int32)
-        log_qb_pivot = norm_b[pivot].log_q(fb[pivot])
-        log_qa_pivot = norm_a.log_q(fa[pivot])
+        log_qb_pivot = norm_b[pivot].log_q(sharded_take(mesh, fb, pivot))
+        log_qa_pivot = norm_a.log_q(sharded_take(mesh, fa, pivot))
         row, col = jnp.zeros(vp), log_qb_pivot - log_qa_pivot
         info = {"pivot": pivot}
     if method != "ag":

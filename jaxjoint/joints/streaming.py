@@ -6,7 +6,7 @@ reduced, and one pass gives both the row and the column logsumexps. On a mesh th
 passes run under ``jax.shard_map`` over ``VOCAB_AXIS``: each device reduces its own
 rows; only per-column results (V floats: a pmax and a psum) and scalars cross
 devices. The ``local_*`` functions run inside ``shard_map``; ``row_col_lse`` and
-``kl_sum`` wrap them for a mesh.
+``kl_sum`` wrap them for a mesh. Single rows and cells are read with ``sharded_take``.
 """
 
 from __future__ import annotations
@@ -149,6 +149,42 @@ def kl_sum(mesh, block_rows, cell, rows, cols, row_lse, col_lse):
     """float32[]: the sum of the 2V KL terms of DESIGN.md §1 (J(p) when p is AG's)."""
     fn = functools.partial(local_kl_sum, cell, block_rows=block_rows)
     return shard(mesh, fn, (ROWS, REPLICATED, ROWS, REPLICATED), REPLICATED)(rows, cols, row_lse, col_lse)
+
+
+def sharded_take(mesh: Mesh, table: jax.Array, a, b=None) -> jax.Array:
+    """``table[a]`` (``b`` None) or ``table[a, b]`` of a table sharded by rows on
+    ``mesh``, replicated; each row read by the device that holds it.
+
+    table: float[Vp, ...] (row-sharded, ``ROWS``); a, b: int arrays (or ints) that
+    broadcast against each other, indices as jnp takes them (negative ones from the
+    end, out-of-range ones clamped). Returns ``a``'s shape + ``table.shape[1:]``, or
+    the broadcast shape of a and b.
+
+    Plain indexing, ``table[a]``, makes XLA's partitioner gather the whole table
+    onto every device first (temporaries of one full table per device, for each
+    table read): here each device reads its own rows of ``a`` (clamped elsewhere),
+    zeroes the rest and one psum of the result's size combines them. A column,
+    ``table[:, b]``, needs none of this.
+    """
+    vp = table.shape[0]
+    a = jnp.asarray(a, jnp.int32)
+    a = jnp.clip(jnp.where(a < 0, a + vp, a), 0, vp - 1)
+    extra = () if b is None else (jnp.asarray(b, jnp.int32),)
+
+    def local(t, a, *b):
+        n = t.shape[0]
+        j = a - lax.axis_index(VOCAB_AXIS) * n
+        mine = (j >= 0) & (j < n)
+        j = jnp.clip(j, 0, n - 1)
+        if b:
+            values = t[j, b[0]]
+        else:
+            values = t[j]
+            mine = mine.reshape(mine.shape + (1,) * (t.ndim - 1))
+        return lax.psum(jnp.where(mine, values, jnp.zeros((), values.dtype)), VOCAB_AXIS)
+
+    specs = (ROWS, REPLICATED) + (REPLICATED,) * len(extra)
+    return shard(mesh, local, specs, REPLICATED)(table, a, *extra)
 
 
 def normalisers(tables: PairTables) -> tuple[Normaliser, Normaliser]:

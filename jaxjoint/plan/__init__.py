@@ -10,7 +10,9 @@ per pair, labelled as an estimate.
 - ``make_plan(target, model, ...) -> PlanReport``; ``format_plan(report)``;
   ``report.to_json()``;
 - ``largest_fitting_chunk(mesh, config, length, dtype, budget_bytes=...)``: the
-  cached chunk search, on real or compile-only devices;
+  cached chunk search, on real or compile-only devices; ``fit.run_chunk``: that
+  search for a run beside its queued pairs (what ``evaluate`` and ``pair_tables``
+  take on a GPU or TPU);
 - ``resolve_target``, ``planning_config``: TARGET strings and model names;
   ``target_for_devices(mesh.devices.flat)``: a run's own devices as a target.
 """

@@ -2,9 +2,10 @@
 
 Compiling a bert-sized program for a TPU or GPU target takes seconds to a minute on
 a small host, and its memory and cost analyses depend only on the program and the
-compiler: they are kept per (compiler versions, chip, device count, model config,
-program and its sizes) as JSON under ``$JAXJOINT_PLAN_CACHE`` (default
-``~/.cache/jaxjoint/plan``; ``off`` disables the disk).
+compiler: they are kept per (compiler versions, the source that builds the
+programs, chip, device count, model config, program and its sizes) as JSON under
+``$JAXJOINT_PLAN_CACHE`` (default ``~/.cache/jaxjoint/plan``; ``off`` disables the
+disk). ``evaluate`` reads the same cache to choose its chunk on a GPU or TPU.
 """
 
 from __future__ import annotations
@@ -35,6 +36,24 @@ def compiler_versions() -> dict[str, str]:
     return out
 
 
+# The modules whose code is compiled into the run's programs: an analysis on disk is
+# of the programs as this code built them, so any change to them is a new key.
+_PROGRAM_SOURCES = ("tables.py", "metrics.py", "sharding.py", "joints", "models", "plan/compile.py")
+
+
+@functools.cache
+def program_sources_digest() -> str:
+    """A digest of the source files that build the run's programs (``_PROGRAM_SOURCES``)."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for name in _PROGRAM_SOURCES:
+        path = root / name
+        for file in sorted(path.rglob("*.py")) if path.is_dir() else [path]:
+            digest.update(file.relative_to(root).as_posix().encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def cache_dir() -> Path | None:
     """The disk cache's directory, or None when ``JAXJOINT_PLAN_CACHE=off``."""
     raw = os.environ.get("JAXJOINT_PLAN_CACHE")
@@ -46,7 +65,7 @@ def cache_dir() -> Path | None:
 def cached(key: tuple, compute: Callable[[], tuple[ProgramCost, ...]]) -> tuple[ProgramCost, ...]:
     """``compute()``'s analyses for ``key`` (a tuple of JSON-able values and
     dataclasses), from memory, else disk, else computed and stored in both."""
-    text = json.dumps([compiler_versions(), _jsonable(key)], sort_keys=True, default=str)
+    text = json.dumps([compiler_versions(), program_sources_digest(), _jsonable(key)], sort_keys=True, default=str)
     digest = hashlib.sha256(text.encode()).hexdigest()[:32]
     if digest in _memory:
         return _memory[digest]

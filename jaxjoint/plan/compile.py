@@ -2,9 +2,9 @@
 running them, and read XLA's memory and cost analyses.
 
 The programs are the run's own: ``tables.substitution_table`` (the 2·V forward
-passes, one call per table), ``mlm.mlm_logits`` (the both-masked pass), the
-tables' assembly, ``joints.derive_joint`` for each method and the per-pair
-metrics core. Every input is a ``jax.ShapeDtypeStruct`` carrying its sharding, so
+passes, one call per table), ``mlm.mlm_logits`` (the both-masked pass),
+``tables.assemble_tables``, ``joints.derive_joint`` for each method, the per-pair
+metrics core and the MLM's unary NLL. Every input is a ``jax.ShapeDtypeStruct`` carrying its sharding, so
 nothing is allocated and no weights are needed.
 
 Numbers are per device: after SPMD partitioning each device runs the same program
@@ -28,14 +28,14 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxjoint.joints import Joint, derive_joint
 from jaxjoint.joints.streaming import default_block_rows
-from jaxjoint.metrics import pair_metric_arrays
+from jaxjoint.metrics import mlm_unary_nll_array, pair_metric_arrays
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.families import masked_lm_module
 from jaxjoint.models.mlm import DTYPES, mlm_logits
 from jaxjoint.plan.models import abstract_params
 from jaxjoint.plan.targets import quiet_stderr
 from jaxjoint.sharding import mesh_size, padded_size, replicated, row_sharding
-from jaxjoint.tables import PairTables, _assemble, substitution_table
+from jaxjoint.tables import PairTables, assemble_tables, substitution_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +200,7 @@ def assemble_program(mesh: Mesh, vocab: int) -> ProgramCost:
     tables = abstract_tables(mesh, vocab)
     rep = replicated(mesh)
     vector = _abstract((vocab,), jnp.float32, rep)
-    # _assemble is tables.py's private last step of the tables stage; the run executes it.
-    return analyse("assemble", lambda: _assemble.lower(
+    return analyse("assemble", lambda: assemble_tables.lower(
         tables.logits_b, tables.logits_b, vector, vector, mesh=mesh, vocab=vocab))
 
 
@@ -236,6 +235,13 @@ def metrics_program(mesh: Mesh, joint: Joint) -> ProgramCost:
         joint.tables, joint, gold, gold, block_rows=block_rows))
 
 
+def unary_program(mesh: Mesh, vocab: int) -> ProgramCost:
+    """The MLM's own unary NLL of a pair (jaxjoint.metrics), once a pair."""
+    tables = abstract_tables(mesh, vocab)
+    gold = _abstract((), jnp.int32, replicated(mesh))
+    return analyse("mlm unary", lambda: mlm_unary_nll_array.lower(tables, gold, gold, mesh=mesh))
+
+
 def local_rows(mesh: Mesh, vocab: int) -> int:
     """Rows of each table on one device."""
     return padded_size(vocab, mesh) // mesh_size(mesh)
@@ -244,5 +250,5 @@ def local_rows(mesh: Mesh, vocab: int) -> int:
 __all__ = [
     "ProgramCost", "abstract_tables", "analyse", "assemble_program", "both_masked_program",
     "derive_program", "hlo_cost_analysis", "local_rows", "metrics_program", "params_bytes",
-    "tables_program", "xla_cost",
+    "tables_program", "unary_program", "xla_cost",
 ]

@@ -7,14 +7,17 @@ beside a program plus that program's own peak (XLA's: its arguments, outputs and
 temporaries):
 
 - tables stage of a queued pair: ``prefetch`` pairs held (the one being scored
-  and those queued before it); the second table's call also holds the first
-  table; then the assembly of the two;
-- joint and metrics programs of the scored pair: ``prefetch`` complete pairs held
-  beside the program, which holds the scored pair itself.
+  and those queued before it; the pair scored before is deleted first,
+  ``tables.iter_pair_tables``); the second table's call also holds the first
+  table; then the assembly of the two, which reuses their buffers;
+- joint, metrics and unary-NLL programs of the scored pair: ``prefetch`` complete
+  pairs held beside the program, which holds the scored pair itself.
 
 Only the tables programs depend on the chunk (sequences per device per step), so
 the largest chunk that fits is searched for by compiling them alone
-(``largest_fitting_chunk``).
+(``largest_fitting_chunk``); ``run_chunk`` is that search for a run, which
+``make_plan`` reports and ``tables.planned_chunk_size`` runs on devices that report
+their memory.
 """
 
 from __future__ import annotations
@@ -30,20 +33,7 @@ from jaxjoint.plan import compile as programs
 from jaxjoint.plan.cache import cached
 from jaxjoint.plan.compile import ProgramCost
 from jaxjoint.sharding import mesh_size
-from jaxjoint.tables import _chunking  # private: the split pair_tables runs; one rule, not two
-
-# Chunks are multiples of 8 sequences: the batch of a chunk times the sentence
-# length is the row count of every matrix product, and 8 is the sublane tile of TPU
-# vector registers and a factor of every tensor-core tile; a finer search would buy
-# at most 7 sequences. The same cap as the tables stage's default (tables.py).
-CHUNK_STEP = 8
-MAX_CHUNK = 4096
-
-
-def chunking(rows: int, max_chunk: int) -> tuple[int, int]:
-    """(number of chunks, chunk) the tables stage runs for ``rows`` rows per device
-    and ``chunk_size=max_chunk``: the tables stage's own split."""
-    return _chunking(rows, max_chunk)
+from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, chunking
 
 
 def _mesh_key(mesh: Mesh) -> tuple[str, int]:
@@ -57,6 +47,37 @@ def tables_cost(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chun
     key = ("tables", _mesh_key(mesh), config, length, dtype, n_chunks, chunk)
     return cached(key, lambda: (programs.tables_program(
         mesh, config, length, dtype, n_chunks=n_chunks, chunk=chunk),))[0]
+
+
+def assemble_cost(mesh: Mesh, vocab: int) -> ProgramCost:
+    """The compiled assembly of a pair's tables; its outputs are one pair's tables as
+    a device holds them (cached per device kind, mesh size and V)."""
+    return cached(("assemble", _mesh_key(mesh), vocab), lambda: (programs.assemble_program(mesh, vocab),))[0]
+
+
+def run_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, usable_bytes: int, prefetch: int,
+              max_chunk: int = MAX_CHUNK) -> ChunkChoice | None:
+    """The chunk a run takes on ``mesh`` for sentences padded to ``length``: the
+    largest whose tables programs fit ``usable_bytes`` per device beside ``prefetch``
+    pairs' tables (``largest_fitting_chunk``); None when none does. The one rule:
+    ``make_plan`` reports it, ``tables.planned_chunk_size`` runs it."""
+    budget = tables_budget(mesh, config, usable_bytes=usable_bytes, prefetch=prefetch)
+    if budget <= 0:
+        return None
+    return largest_fitting_chunk(mesh, config, length, dtype, budget_bytes=budget, max_chunk=max_chunk)
+
+
+def chunk_fits(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chunk_size: int, *, usable_bytes: int,
+               prefetch: int) -> bool:
+    """Whether a run's tables programs at ``chunk_size`` (given by the user) fit, as ``run_chunk`` decides."""
+    budget = tables_budget(mesh, config, usable_bytes=usable_bytes, prefetch=prefetch)
+    return budget > 0 and tables_fit(tables_cost(mesh, config, length, dtype, chunk_size), budget)
+
+
+def tables_budget(mesh: Mesh, config: EncoderConfig, *, usable_bytes: int, prefetch: int) -> int:
+    """What the tables stage of a pair may use per device: ``usable_bytes`` less the
+    tables of the ``prefetch`` pairs held meanwhile."""
+    return usable_bytes - prefetch * assemble_cost(mesh, config.vocab_size).output_bytes
 
 
 def tables_fit(cost: ProgramCost, budget_bytes: int) -> bool:
@@ -157,24 +178,26 @@ def _interpolate(lo: int, hi: int, at_lo: ProgramCost, at_hi: ProgramCost, budge
 @dataclasses.dataclass(frozen=True)
 class StagePrograms:
     """Every program of one pair, analysed: ``tables`` at the chosen chunk,
-    ``both_masked``, ``assemble``, and per method ``joints[m]`` and ``metrics[m]``."""
+    ``both_masked``, ``assemble``, per method ``joints[m]`` and ``metrics[m]``, and
+    ``unary`` (the MLM's own unary NLL, once a pair)."""
 
     tables: ProgramCost
     both_masked: ProgramCost
     assemble: ProgramCost
     joints: dict[str, ProgramCost]
     metrics: dict[str, ProgramCost]
+    unary: ProgramCost
 
 
 def other_programs(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, methods: tuple[str, ...],
-                   options: dict[str, dict[str, Any]]) -> tuple[ProgramCost, ProgramCost, dict, dict]:
-    """The chunk-independent programs: both-masked pass, assembly, and each method's
-    joint and metrics programs (cached)."""
+                   options: dict[str, dict[str, Any]]) -> tuple[ProgramCost, ProgramCost, dict, dict, ProgramCost]:
+    """The chunk-independent programs: both-masked pass, assembly, each method's
+    joint and metrics programs, and the MLM's unary NLL (cached)."""
     vocab = config.vocab_size
     both = cached(("both_masked", _mesh_key(mesh), config, length, dtype),
                   lambda: (programs.both_masked_program(mesh, config, length, dtype),))[0]
-    assemble = cached(("assemble", _mesh_key(mesh), vocab),
-                      lambda: (programs.assemble_program(mesh, vocab),))[0]
+    assemble = assemble_cost(mesh, vocab)
+    unary = cached(("mlm unary", _mesh_key(mesh), vocab), lambda: (programs.unary_program(mesh, vocab),))[0]
     joints, metrics = {}, {}
     for method in methods:
         opts = options.get(method, {})
@@ -187,7 +210,7 @@ def other_programs(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, m
 
         joints[method], metrics[method] = cached(
             ("joint+metrics", _mesh_key(mesh), vocab, method, sorted(opts.items())), compute)
-    return both, assemble, joints, metrics
+    return both, assemble, joints, metrics, unary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,4 +259,5 @@ def phases(stage: StagePrograms, params_bytes: int, prefetch: int, table_bytes: 
         # The metrics core takes the tables twice (directly and inside the joint):
         # one buffer in a run, two arguments to XLA.
         out.append(phase(f"metrics {method}", held + params_bytes, cost, duplicate=pair))
+    out.append(phase("mlm unary", held + params_bytes, stage.unary))
     return out

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import jax
 
 from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops
@@ -17,9 +19,9 @@ from jaxjoint.plan.cache import compiler_versions
 from jaxjoint.plan.compile import ProgramCost, local_rows, params_bytes
 from jaxjoint.plan.models import planning_config
 from jaxjoint.plan.report import BucketPlan, PlanReport, roofline, table_passes
-from jaxjoint.plan.targets import Target, resolve_target
+from jaxjoint.plan.targets import Target, resolve_target, target_for_devices
 from jaxjoint.sharding import mesh_size
-from jaxjoint.tables import bucket_length
+from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, bucket_length, chunking
 
 DEFAULT_LENGTHS = (32,)
 
@@ -33,7 +35,7 @@ def make_plan(
     methods: Sequence[str] = METHODS,
     ag_options: dict[str, Any] | None = None,
     prefetch: int = 1,
-    max_chunk: int = fit.MAX_CHUNK,
+    max_chunk: int = MAX_CHUNK,
     suggest: bool = True,
 ) -> PlanReport:
     """Compile, without the hardware, the programs a run executes and report per
@@ -90,20 +92,18 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     n = mesh_size(mesh)
     bucket = bucket_length(length, config.max_positions)
     options = {"ag": ag} if "ag" in methods else {}
-    both, assemble, joints, metrics = fit.other_programs(mesh, config, bucket, dtype, methods, options)
+    both, assemble, joints, metrics, unary = fit.other_programs(mesh, config, bucket, dtype, methods, options)
     params = params_bytes(config)
-    pair = assemble.output_bytes
     usable = target.usable_bytes_per_device
-    budget = None if usable is None else usable - prefetch * pair
-    choice = None
-    if budget is None:  # no memory limit known: the largest candidate
+    if usable is None:  # no memory limit known: the largest candidate
         cost = fit.tables_cost(mesh, config, bucket, dtype, max_chunk)
-        n_chunks, chunk = fit.chunking(local_rows(mesh, config.vocab_size), max_chunk)
+        n_chunks, chunk = chunking(local_rows(mesh, config.vocab_size), max_chunk)
         choice = fit.ChunkChoice(min(max_chunk, chunk), n_chunks, chunk, cost, None, 1)
-    elif budget > 0:
-        choice = fit.largest_fitting_chunk(mesh, config, bucket, dtype, budget_bytes=budget, max_chunk=max_chunk)
-    tables = choice.cost if choice else fit.tables_cost(mesh, config, bucket, dtype, fit.CHUNK_STEP)
-    stage = fit.StagePrograms(tables, both, assemble, joints, metrics)
+    else:
+        choice = fit.run_chunk(mesh, config, bucket, dtype, usable_bytes=usable, prefetch=prefetch,
+                               max_chunk=max_chunk)
+    tables = choice.cost if choice else fit.tables_cost(mesh, config, bucket, dtype, CHUNK_STEP)
+    stage = fit.StagePrograms(tables, both, assemble, joints, metrics, unary)
     table_bytes = 4 * local_rows(mesh, config.vocab_size) * config.vocab_size
     phases = fit.phases(stage, params, prefetch, table_bytes)
     refused = any(p.refused for p in phases)
@@ -115,12 +115,12 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     if not fits and prefetch > 0 and usable is not None and not refused:
         bare = fit.phases(stage, params, 0, table_bytes)
         fits_without = all(p.total_bytes <= usable for p in bare if not p.program.startswith("tables")) and (
-            fit.tables_fit(fit.tables_cost(mesh, config, bucket, dtype, fit.CHUNK_STEP), usable))
+            fit.tables_fit(fit.tables_cost(mesh, config, bucket, dtype, CHUNK_STEP), usable))
 
     counted = pair_flops(config, bucket)
     per_sequence = sequence_flops(config, bucket)
-    n_chunks, chunk = (choice.n_chunks, choice.chunk) if choice else fit.chunking(
-        local_rows(mesh, config.vocab_size), fit.CHUNK_STEP)
+    n_chunks, chunk = (choice.n_chunks, choice.chunk) if choice else chunking(
+        local_rows(mesh, config.vocab_size), CHUNK_STEP)
     executed_per_device = 2 * n_chunks * chunk * per_sequence + sequence_flops(config, bucket, 2)
     xla = None
     if tables.flops and both.flops:
@@ -136,7 +136,7 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     estimate = roofline(
         target.chip, dtype, executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,
         table_bytes=table_bytes, passes=table_passes(methods, ag_iterations), xla_tables_seconds=xla_seconds)
-    programs: list[ProgramCost] = [tables, both, assemble, *joints.values(), *metrics.values()]
+    programs: list[ProgramCost] = [tables, both, assemble, *joints.values(), *metrics.values(), unary]
     return BucketPlan(
         length=length, bucket=bucket, fits=fits, chunk_size=choice.chunk_size if choice else None,
         n_chunks=choice.n_chunks if choice else None, chunk=choice.chunk if choice else None,
@@ -156,13 +156,14 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
     pair_gb = 2 * 4 * v * v / 1e9
     usable = target.usable_bytes_per_device
     at_least = "at least " if worst.refused_programs else ""
-    where = (f"peak {at_least}{worst.peak_bytes / 2**30:.1f} GiB per device at '{worst.peak_program}'"
+    where = (f"peak {at_least}{_size(worst.peak_bytes)} per device at '{worst.peak_program}'"
              if worst.peak_bytes is not None else "the compiler refused programs as too large")
     if worst.refused_programs:
         where += f"; the compiler refused {len(worst.refused_programs)} of its programs as over memory"
-    head = (f"{report.model} at {worst.bucket} tokens needs more than the {usable / 2**30:.1f} GiB usable on each of "
+    tables = f"{pair_gb:,.1f} GB" if pair_gb >= 0.1 else f"{pair_gb * 1e3:,.1f} MB"
+    head = (f"{report.model} at {worst.bucket} tokens needs more than the {_size(usable)} usable on each of "
             f"{target.device_count} x {target.chip.name} ({where}; one pair's two V x V float32 tables are "
-            f"{pair_gb:,.1f} GB at V = {v:,})")
+            f"{tables} at V = {v:,})")
     if not suggest:
         return head
     tables_only = all(p.total_bytes is not None and p.total_bytes <= usable
@@ -174,6 +175,10 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
             return f"{head}; fits with --dtype bfloat16 (chunk {alt.worst.chunk_size})"
     if worst.fits_without_prefetch:
         return f"{head}; fits without prefetching the next pair (prefetch 0)"
+    if target.name == "local":
+        local = _more_local_devices(target, worst, report.params_bytes, config, lengths=lengths, dtype=dtype,
+                                    methods=methods, ag_options=ag, prefetch=prefetch, max_chunk=max_chunk)
+        return head if local is None else f"{head}; {local}"
     more = _more_devices(target, worst, report.params_bytes)
     if more is None:
         return head
@@ -182,12 +187,17 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
                     prefetch=prefetch, max_chunk=max_chunk, suggest=False)
     if not alt.fits:
         w = max(alt.buckets, key=lambda b: b.peak_bytes or 0)
-        at = "" if w.peak_bytes is None else f": peak {w.peak_bytes / 2**30:.1f} GiB per device at '{w.peak_program}'"
+        at = "" if w.peak_bytes is None else f": peak {_size(w.peak_bytes)} per device at '{w.peak_program}'"
         return f"{head}; not even on {more} ({alt.devices} devices{at})"
     if alt.hosts > 1:
         return (f"{head}; fits on {alt.devices} devices ({more}: --distributed global over {alt.hosts} hosts), "
                 f"chunk {alt.worst.chunk_size}")
     return f"{head}; fits on {alt.devices} devices ({more}), chunk {alt.worst.chunk_size}"
+
+
+def _size(n: int) -> str:
+    """Bytes in GiB, or MiB below 0.1 GiB (small models, test budgets)."""
+    return f"{n / 2**30:,.1f} GiB" if n >= 0.1 * 2**30 else f"{n / 2**20:,.1f} MiB"
 
 
 # TPU slice shapes by chip count, smallest first (libtpu topology names).
@@ -199,21 +209,52 @@ _TPU_SHAPES = {
 }
 
 
-def _more_devices(target: Target, worst: BucketPlan, params: int) -> str | None:
-    """The smallest target of the same chip whose devices should hold the run:
-    table-sized memory shrinks with the device count, parameters do not."""
+def _should_fit(target: Target, worst: BucketPlan, params: int) -> Callable[[int], bool] | None:
+    """Whether ``count`` devices of the target's kind should hold the run, estimated
+    from the compiled peak: table-sized memory shrinks with the device count,
+    parameters do not. None without a known memory."""
     usable = target.usable_bytes_per_device
-    if usable is None or target.name == "local":
+    if usable is None:
         return None
     n = target.device_count
     peak = worst.peak_bytes
     if peak is None:  # refused: assume the largest table-sized phase is at least the usable memory
         peak = 2 * usable
     scaled = peak - params  # grows as 1 / devices
+    return lambda count: params + scaled * n / count <= 0.9 * usable
 
-    def need(count: int) -> bool:
-        return params + scaled * n / count <= 0.9 * usable
 
+def _more_local_devices(target: Target, worst: BucketPlan, params: int, config: EncoderConfig,
+                        **options: Any) -> str | None:
+    """For a run's own devices: more of this host's devices, compiled on them when
+    the host has them (``--devices N``), else an estimated count; None when no
+    count of such devices would do."""
+    need = _should_fit(target, worst, params)
+    if need is None:
+        return None
+    n = target.device_count
+    count = next((c for c in range(n + 1, 64 * n + 1) if need(c)), None)
+    if count is None:
+        return None
+    kind = target.devices[0].device_kind
+    here = [d for d in jax.local_devices() if d.device_kind == kind]
+    if target.hosts == 1:
+        for tried in sorted({c for c in (count, len(here)) if n < c <= len(here)}):
+            alt = make_plan(target_for_devices(here[:tried], usable_bytes=target.usable_bytes_per_device), config,
+                            suggest=False, **options)
+            if alt.fits:
+                return (f"fits on {tried} of this host's {len(here)} devices (--devices {tried}), "
+                        f"chunk {alt.worst.chunk_size}")
+    return f"would need about {count} such devices (estimated from the compiled peak, not compiled)"
+
+
+def _more_devices(target: Target, worst: BucketPlan, params: int) -> str | None:
+    """The smallest target of the same chip whose devices should hold the run
+    (``_should_fit``), as a TARGET string."""
+    need = _should_fit(target, worst, params)
+    if need is None or target.name == "local":
+        return None
+    n = target.device_count
     chip = target.chip
     if chip.platform == "gpu":
         for count in (2, 4, 8, *range(16, 4097, 8)):

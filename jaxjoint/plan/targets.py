@@ -19,6 +19,7 @@ import tempfile
 import jax
 from jax.sharding import Mesh
 
+from jaxjoint import tables
 from jaxjoint.errors import UserError
 from jaxjoint.plan.hardware import Chip, chip_for_device_kind, chips, gpu_target_config_text
 from jaxjoint.sharding import make_mesh, use_only_cpu_backend
@@ -152,13 +153,15 @@ def _local_target() -> Target:
     return target_for_devices(jax.local_devices())
 
 
-def target_for_devices(devices) -> Target:
+def target_for_devices(devices, *, usable_bytes: int | None = None) -> Target:
     """A ``local`` target over real ``devices`` (a run's mesh: ``mesh.devices.flat``),
-    with the memory limit the first one reports."""
+    with ``usable_bytes`` per device, by default the memory limit this process's
+    first device reports (``tables.device_memory_limit``; the host's memory for a
+    CPU, which reports none)."""
     devices = tuple(devices)
-    device = devices[0]
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    limit = stats.get("bytes_limit") if stats else None
+    device = next((d for d in devices if d.process_index == jax.process_index()), devices[0])
+    limit = usable_bytes if usable_bytes is not None else tables.device_memory_limit(device)
+    reported = limit is not None
     if limit is None and device.platform == "cpu":
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host memory
     known = chip_for_device_kind(device.device_kind)
@@ -168,9 +171,11 @@ def target_for_devices(devices) -> Target:
         chip = Chip(key=device.platform, platform=device.platform, name=device.device_kind,
                     device_kind=device.device_kind, memory_bytes=limit, usable_memory_bytes=limit,
                     hbm_bandwidth_bytes_per_s=None)
-    note = ("the host's memory" if device.platform == "cpu" and not stats else
-            "the device's own limit (memory_stats bytes_limit)" if limit else "no limit reported by the device")
-    return Target("local", chip, devices, 1, limit, note)
+    note = ("the smallest limit of the run's processes" if usable_bytes is not None else
+            "the device's own limit (memory_stats bytes_limit)" if reported else
+            "the host's memory" if device.platform == "cpu" else "no limit reported by the device")
+    hosts = len({d.process_index for d in devices})
+    return Target("local", chip, devices, hosts, limit, note)
 
 
 @contextlib.contextmanager

@@ -10,8 +10,10 @@ directory, and it holds what a single-process run writes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
+import sys
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +32,15 @@ from jaxjoint.run.progress import progress_bar
 from jaxjoint.run.reports import summarize, summary_files, summary_markdown
 from jaxjoint.run.rundir import PairWriter, Record, RunDir
 from jaxjoint.sharding import global_mesh, local_mesh
-from jaxjoint.tables import bucket_length, default_chunk_size, iter_pair_tables, memory_budget_bytes
+from jaxjoint.tables import (
+    DEFAULT_CPU_BUDGET_BYTES,
+    MAX_CHUNK,
+    PREFETCH,
+    bucket_length,
+    default_chunk_size,
+    iter_pair_tables,
+    mesh_memory_limit,
+)
 
 
 def evaluate(config: EvalConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -62,27 +72,21 @@ def evaluate(config: EvalConfig, *, quiet: bool = False) -> dict[str, Any]:
 def _run(config: EvalConfig, rundir: RunDir, procs: Processes, quiet: bool) -> dict[str, Any]:
     """``evaluate`` once the run directory is this run's."""
     run = procs.agree(lambda: _load_run(config, rundir, read_out=procs.leader))
-    shared = procs.gather({
-        "fingerprint": _fingerprint(config, run),
-        "budget": memory_budget_bytes(jax.local_devices()[0]) if config.distributed == "global" else None,
-    })
+    shared = procs.gather({"fingerprint": _fingerprint(config, run), "memory": mesh_memory_limit(run.mesh)})
     for k, theirs in enumerate(shared):
         if theirs["fingerprint"] != shared[0]["fingerprint"]:
             raise UserError(f"process {k} made other pairs, or has another model or settings, than process 0; "
                             "start every process with the same command, data and model")
     finished = {r["index"]: r for r in procs.broadcast(run.records)}
     todo = [p for p in run.pairs if p.index not in finished]
-    chunk_size = config.chunk_size
-    if config.distributed == "global" and chunk_size is None and todo:
-        # Every process must compile the same program: one chunk size from the
-        # smallest device budget, sized for the longest sentence.
-        length = max(bucket_length(len(p.input_ids), run.mlm.config.max_positions) for p in todo)
-        chunk_size = default_chunk_size(run.mlm.config, length, config.dtype, min(s["budget"] for s in shared))
+    # Before any pair: does a pair fit the devices, with which chunk and prefetch.
+    limits = [s["memory"] for s in shared] if config.distributed == "global" else [shared[procs.index]["memory"]]
+    chunk_size, prefetch = procs.agree(lambda: _memory_plan(config, run, todo, limits, quiet=quiet or not procs.leader))
 
     writer = procs.agree(lambda: rundir.start(config) if procs.leader else None)
     progress = progress_bar(len(run.pairs), len(run.pairs) - len(todo), enabled=procs.leader and not quiet)
     try:
-        _score_pairs(config, run, todo, procs, chunk_size, finished, writer, progress)
+        _score_pairs(config, run, todo, procs, chunk_size, prefetch, finished, writer, progress)
     except UserError as err:
         if procs.count == 1:
             raise
@@ -134,6 +138,58 @@ def _load_run(config: EvalConfig, rundir: RunDir, *, read_out: bool) -> _Run:
     return _Run(records, mlm, pairs, skipped, mesh)
 
 
+def _memory_plan(config: EvalConfig, run: _Run, todo: list[MaskedPair], limits: list[int | None], *,
+                 quiet: bool) -> tuple[int | None, int]:
+    """(chunk_size, prefetch) for the run, or ``UserError`` before any pair when a
+    pair cannot fit.
+
+    limits: the memory limit of each process's devices (one entry but in global mode).
+    On devices that report their memory (GPU, TPU), the run's programs are compiled
+    for its mesh and composed as ``jaxjoint.plan`` does (``make_plan`` on the
+    ``local`` target, cached on disk): the chunk of each length bucket is the largest
+    that fits beside the queued pair (``tables.planned_chunk_size`` takes the same
+    per bucket), without prefetching when only that fits, and a run that fits in
+    neither way stops with the plan's one-line reason. On CPU (no limit) nothing is
+    compiled: the chunk comes from ``DEFAULT_CPU_BUDGET_BYTES``, as in ``pair_tables``.
+    With ``--distributed global`` every process must compile the same program: one
+    chunk, for the longest sentence and the smallest limit.
+    """
+    one_chunk = config.distributed == "global"
+    if not todo:
+        return config.chunk_size, PREFETCH
+    buckets = sorted({bucket_length(len(p.input_ids), run.mlm.config.max_positions) for p in todo})
+    if any(limit is None for limit in limits):
+        if one_chunk and config.chunk_size is None:
+            return default_chunk_size(run.mlm.config, buckets[-1], config.dtype, DEFAULT_CPU_BUDGET_BYTES), PREFETCH
+        return config.chunk_size, PREFETCH
+
+    from jaxjoint.plan import fit, make_plan, target_for_devices
+
+    target = target_for_devices(run.mesh.devices.flat, usable_bytes=min(limits))
+    plan = functools.partial(make_plan, target, run.mlm.config, lengths=buckets, dtype=config.dtype,
+                             methods=config.methods, ag_options=config.ag_options(),
+                             max_chunk=config.chunk_size or MAX_CHUNK)
+    prefetch, report = PREFETCH, plan(prefetch=PREFETCH, suggest=False)
+    if not report.fits and all(b.fits or b.fits_without_prefetch for b in report.buckets):
+        prefetch, report = 0, plan(prefetch=0, suggest=False)
+    if not report.fits:
+        raise UserError(plan(prefetch=0, suggest=True).reason)
+    if prefetch != PREFETCH and not quiet:
+        print(f"note: the next pair's tables do not fit beside this one's on {target.chip.name}: "
+              "scoring without prefetching", file=sys.stderr)
+    if config.chunk_size is not None:
+        for bucket in buckets:
+            if not fit.chunk_fits(target.mesh(), run.mlm.config, bucket, config.dtype, config.chunk_size,
+                                  usable_bytes=target.usable_bytes_per_device, prefetch=prefetch):
+                best = next(b for b in report.buckets if b.bucket == bucket).chunk_size
+                raise UserError(f"--chunk-size {config.chunk_size} does not fit {bucket}-token sentences on "
+                                f"{target.chip.name} (compiled); {best} does, or leave the chunk to the run")
+        return config.chunk_size, prefetch
+    if one_chunk:
+        return min(b.chunk_size for b in report.buckets), prefetch
+    return None, prefetch
+
+
 def _fingerprint(config: EvalConfig, run: _Run) -> str:
     """A digest of what must be equal on every process: the pairs, the model's
     shape, and the settings (paths may differ from host to host)."""
@@ -144,7 +200,7 @@ def _fingerprint(config: EvalConfig, run: _Run) -> str:
 
 
 def _score_pairs(config: EvalConfig, run: _Run, todo: list[MaskedPair], procs: Processes, chunk_size: int | None,
-                 finished: dict[int, Record], writer: PairWriter | None, progress: Any) -> None:
+                 prefetch: int, finished: dict[int, Record], writer: PairWriter | None, progress: Any) -> None:
     """Score ``todo``, adding each record to ``finished`` (and ``writer``) in order.
 
     ``pairs`` and ``none``: in rounds of one pair per process, process k scoring
@@ -156,7 +212,7 @@ def _score_pairs(config: EvalConfig, run: _Run, todo: list[MaskedPair], procs: P
     rounds = [todo[i:i + n] for i in range(0, len(todo), n)] if spread else [[p] for p in todo]
     mine = [r[k] for r in rounds if k < len(r)] if spread else todo
     stream = iter_pair_tables(run.mlm, ((p.input_ids, p.a, p.b) for p in mine), mesh=run.mesh,
-                              chunk_size=chunk_size)
+                              chunk_size=chunk_size, prefetch=prefetch)
 
     def score(pair: MaskedPair) -> dict[str, Any]:
         metrics, unary = scoring.score_tables(next(stream), pair.gold, config.methods, config.ag_options(),
