@@ -39,8 +39,9 @@ class PairTables:
     Indexing follows DESIGN.md: ``[a, b]``, a the token at A, b the token at B.
     ``V`` is the vocabulary size; ``Vp >= V`` is V padded to a multiple of 8 rows per
     device of the mesh (``sharding.padded_size``; ``Vp == V`` for tables built with
-    ``tables_from_logits`` and no padding asked). Rows ``a >= V`` are padding: their raw logits are ``-inf`` and every log-probability
-    view is ``-inf`` there, i.e. such an ``a`` has probability zero.
+    ``tables_from_logits`` and no padding asked). Rows ``a >= V`` are padding: their
+    raw logits are ``-inf`` and every log-probability view is ``-inf`` there, i.e.
+    such an ``a`` has probability zero.
 
     Fields:
       logits_a: float32[Vp, V]; ``[a, b]`` = logit of a at A with A masked, B = b.

@@ -275,3 +275,15 @@ def test_runs_on_devices_without_a_memory_limit_compile_nothing_to_plan(sharp_ck
     bucket = tables.bucket_length(len(record["input_ids"]), config.max_positions)
     size = tables.default_chunk_size(config, bucket, "float32", tables.DEFAULT_CPU_BUDGET_BYTES)
     assert chunks == [chunking(56, size)] * 2
+
+
+@pytest.mark.slow
+def test_a_chunk_size_given_is_checked_before_any_pair(wide_ckpt, sentences, tmp_path, monkeypatch):
+    give_memory(monkeypatch, 26 * MiB)
+    chunks = record_chunks(monkeypatch)
+    with pytest.raises(UserError, match=r"^--chunk-size 1024 does not fit 16-token sentences on cpu \(compiled\); "
+                                        r"\d+ does, or leave the chunk to the run$"):
+        evaluate_wide(wide_ckpt, sentences, tmp_path / "big", chunk_size=1024)
+    assert chunks == []
+    evaluate_wide(wide_ckpt, sentences, tmp_path / "small", chunk_size=64, max_sentences=1)
+    assert set(chunks) == {chunking(1024, 64)}

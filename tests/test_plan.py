@@ -215,14 +215,16 @@ def test_a_model_that_cannot_fit_says_why_in_one_line():
 
 @pytest.mark.slow
 def test_reason_names_the_device_count_that_fits():
-    """V = 100,000: one pair's tables are 80 GB, past one H100 but not eight, and the
-    suggestion is compiled on the eight before it is named."""
+    """V = 100,000: one pair's tables are 80 GB, past one H100 or two but not four
+    (a queued pair and the assembly's three tables: 2.5 pairs a device), and the
+    suggestion is compiled on the four before it is named."""
     config = EncoderConfig(**{**TINY.__dict__, "vocab_size": 100_000})
     report = make_plan("h100", config, lengths=[16], methods=())
     assert not report.fits
     assert "\n" not in report.reason
-    assert "fits on 8 devices (h100x8)" in report.reason
-    assert make_plan("h100x8", config, lengths=[16], methods=()).fits
+    assert "fits on 4 devices (h100x4)" in report.reason
+    assert make_plan("h100x4", config, lengths=[16], methods=()).fits
+    assert not make_plan("h100x2", config, lengths=[16], methods=(), suggest=False).fits
 
 
 def test_cpu_only_start_keeps_stderr_clean_with_the_plugins_installed():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -179,20 +180,20 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
         local = _more_local_devices(target, worst, report.params_bytes, config, lengths=lengths, dtype=dtype,
                                     methods=methods, ag_options=ag, prefetch=prefetch, max_chunk=max_chunk)
         return head if local is None else f"{head}; {local}"
-    more = _more_devices(target, worst, report.params_bytes)
-    if more is None:
+    candidates = _more_devices(target, worst, report.params_bytes)
+    if not candidates:
         return head
-    alt_target = resolve_target(more)
-    alt = make_plan(alt_target, config, lengths=lengths, dtype=dtype, methods=methods, ag_options=ag,
-                    prefetch=prefetch, max_chunk=max_chunk, suggest=False)
-    if not alt.fits:
-        w = max(alt.buckets, key=lambda b: b.peak_bytes or 0)
-        at = "" if w.peak_bytes is None else f": peak {_size(w.peak_bytes)} per device at '{w.peak_program}'"
-        return f"{head}; not even on {more} ({alt.devices} devices{at})"
-    if alt.hosts > 1:
-        return (f"{head}; fits on {alt.devices} devices ({more}: --distributed global over {alt.hosts} hosts), "
-                f"chunk {alt.worst.chunk_size}")
-    return f"{head}; fits on {alt.devices} devices ({more}), chunk {alt.worst.chunk_size}"
+    for more in candidates:
+        alt = make_plan(resolve_target(more), config, lengths=lengths, dtype=dtype, methods=methods, ag_options=ag,
+                        prefetch=prefetch, max_chunk=max_chunk, suggest=False)
+        if alt.fits:
+            if alt.hosts > 1:
+                return (f"{head}; fits on {alt.devices} devices ({more}: --distributed global over {alt.hosts} "
+                        f"hosts), chunk {alt.worst.chunk_size}")
+            return f"{head}; fits on {alt.devices} devices ({more}), chunk {alt.worst.chunk_size}"
+    w = max(alt.buckets, key=lambda b: b.peak_bytes or 0)
+    at = "" if w.peak_bytes is None else f": peak {_size(w.peak_bytes)} per device at '{w.peak_program}'"
+    return f"{head}; not even on {more} ({alt.devices} devices{at})"
 
 
 def _size(n: int) -> str:
@@ -248,26 +249,24 @@ def _more_local_devices(target: Target, worst: BucketPlan, params: int, config: 
     return f"would need about {count} such devices (estimated from the compiled peak, not compiled)"
 
 
-def _more_devices(target: Target, worst: BucketPlan, params: int) -> str | None:
-    """The smallest target of the same chip whose devices should hold the run
-    (``_should_fit``), as a TARGET string."""
+def _more_devices(target: Target, worst: BucketPlan, params: int, tries: int = 3) -> list[str]:
+    """Up to ``tries`` targets of the same chip, smallest first, from the smallest
+    whose devices should hold the run (``_should_fit``), as TARGET strings: the
+    estimate ignores what a program adds per device (AG's loop table), so the next
+    sizes up are candidates too."""
     need = _should_fit(target, worst, params)
     if need is None or target.name == "local":
-        return None
+        return []
     n = target.device_count
     chip = target.chip
     if chip.platform == "gpu":
-        for count in (2, 4, 8, *range(16, 4097, 8)):
-            if count > n and need(count):
-                return f"{chip.key}x{count}" if count > 1 else chip.key
-        return None
-    for shape in _TPU_SHAPES.get(chip.key, ()):
-        count = 1
-        for d in shape.split("x"):
-            count *= int(d)
-        if count > n and need(count):
-            return f"{chip.key}:{shape}"
-    return None
+        counts = [c for c in (2, 4, 8, *range(16, 4097, 8)) if c > n]
+        names = [f"{chip.key}x{c}" for c in counts]
+    else:
+        counts = [math.prod(int(d) for d in shape.split("x")) for shape in _TPU_SHAPES.get(chip.key, ())]
+        names = [f"{chip.key}:{shape}" for shape in _TPU_SHAPES.get(chip.key, ())]
+    first = next((i for i, c in enumerate(counts) if c > n and need(c)), None)
+    return [] if first is None else names[first:first + tries]
 
 
 __all__ = ["DEFAULT_LENGTHS", "make_plan"]
