@@ -15,6 +15,7 @@ by trip counts where they know them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import re
@@ -100,12 +101,24 @@ def analyse(name: str, lower: Callable[[], jax.stages.Lowered]) -> ProgramCost:
     return compile_program(name, lower)[0]
 
 
+@contextlib.contextmanager
+def fully_optimised():
+    """Compile as a run compiles, whatever ``JAX_DISABLE_MOST_OPTIMIZATIONS`` says (the
+    test suite sets it to compile faster): a plan measures the program that will run."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", False)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+
+
 def compile_program(name: str, lower: Callable[[], jax.stages.Lowered]
                     ) -> tuple[ProgramCost, jax.stages.Compiled | None]:
     """``analyse``, also returning the compiled program (None when refused)."""
     start = time.perf_counter()
     try:
-        with quiet_stderr():  # compilers log at length about programs over memory
+        with quiet_stderr(), fully_optimised():  # compilers log at length about programs over memory
             compiled = lower().compile()
     except Exception as err:  # XlaRuntimeError / JaxRuntimeError
         text = str(err)
