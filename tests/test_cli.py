@@ -236,6 +236,7 @@ def test_train_mlm_is_a_subcommand():
 # --- pair, plot -------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pair_with_positions(sharp_ckpt, capsys):
     assert main(["pair", "the cat sat on the mat", "--positions", "2", "5", "--model", str(sharp_ckpt),
                  "--top-k", "3", "--devices", "1"]) == 0

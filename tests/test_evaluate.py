@@ -120,6 +120,7 @@ def test_contiguous_masking_and_ag_to_tolerance(sharp_ckpt, data_file, tmp_path,
         assert_matches_reference(r, reference_record(torch_double, r, mask_id, ag_iters=ag["iters"]), ("hcb", "ag"))
 
 
+@pytest.mark.slow
 def test_sharded_run_matches_one_device(sharp_ckpt, data_file, tmp_path, full_run):
     # AG is the method with collectives in its loop; V = 53 pads to 54 rows on 3 devices.
     evaluate(run_config(sharp_ckpt, data_file, tmp_path / "run", devices=3, methods="ag", max_sentences=4),

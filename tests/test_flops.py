@@ -68,7 +68,7 @@ def test_bert_base_sequence_matches_design_estimate():
     assert pair_flops(BERT_BASE, 32) == pytest.approx(0.299e15, rel=0.005)
 
 
-@pytest.mark.parametrize("embedding, positions", [(256, 1), (128, 2)])
+@pytest.mark.parametrize("embedding, positions", [pytest.param(256, 1, marks=pytest.mark.slow), (128, 2)])
 def test_count_matches_xla_cost_analysis(embedding, positions):
     """XLA's count includes elementwise work (GELU, softmax, LayerNorm), so it may
     exceed ours by a few percent at this width, never fall short."""
@@ -135,6 +135,7 @@ def test_full_pass_is_two_flops_per_parameter_and_token_plus_attention():
         assert encoder_flops(config, length) == 2 * matrices * length + attention
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family, positions", [("modernbert", 1), ("esm", 2)])
 def test_modern_count_matches_xla_cost_analysis(family, positions):
     """As for BERT: XLA also counts the elementwise work (rotary, GELU, softmax,

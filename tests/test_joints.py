@@ -188,7 +188,7 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
     return fn(tables.logits_a, tables.logits_b, norm_b, norm_a, log_pa, jnp.asarray(log_pb, jnp.float32))
 
 
-@pytest.mark.parametrize("devices", [1, 8])
+@pytest.mark.parametrize("devices", [pytest.param(1, marks=pytest.mark.slow), 8])
 def test_ag_pass_in_and_beyond_float32_range(devices, monkeypatch):
     """Marginals within e^-3 of each other: the probability-space pass alone is
     exact. A marginal of e^-150 at row 7, then also e^-200 at column 5: their

@@ -32,7 +32,7 @@ def rel_err(x, ref):
     return np.max(np.abs(x - ref)) / np.max(np.abs(ref))
 
 
-@pytest.mark.parametrize("b,length", [(1, 5), (3, 17), (4, 40)])
+@pytest.mark.parametrize("b,length", [(1, 5), (3, 17), pytest.param(4, 40, marks=pytest.mark.slow)])
 def test_logits_match_pytorch(checkpoint, b, length):
     mlm = load_mlm(checkpoint)
     ref_model = torch_model(checkpoint)

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     assert setup_commands()[1] in ci
 
 
+@pytest.mark.slow
 def test_library_example_runs(capsys):
     """The README's library example, as written, on the embedded model."""
     text = (ROOT / "README.md").read_text()

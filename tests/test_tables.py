@@ -100,7 +100,7 @@ def test_tables_match_pytorch(mlm, reference, length, a, b):
     np.testing.assert_allclose(t.log_m_a[:53], log_softmax(ref_ma, 0), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("devices", [1, 7, 8])
+@pytest.mark.parametrize("devices", [1, pytest.param(7, marks=pytest.mark.slow), 8])
 def test_result_does_not_depend_on_device_count(mlm, devices):
     ids = sentence(15, seed=1)
     single = pair_tables(mlm, ids, 2, 9)

@@ -92,6 +92,7 @@ def test_mask_batch_follows_bert_recipe():
     np.testing.assert_array_equal(b["attention_mask"], (original != 0).astype(np.int32))
 
 
+@pytest.mark.slow
 def test_training_reduces_loss(tiny):
     tokenizer, config, data = tiny
     _, history = train(config, data, SpecialIds.of(tokenizer), progress=False)
