@@ -79,13 +79,6 @@ class EncoderLayer(nn.Module):
         )
 
 
-def init_params(config: EncoderConfig, key: jax.Array) -> Any:
-    """Fresh float32 parameters of ``MaskedLMModule(config)`` (BERT's N(0, 0.02)
-    initialiser), a Flax parameter tree. Jit it, or ``jax.eval_shape`` it for shapes."""
-    ids = jnp.zeros((1, 2), jnp.int32)
-    return MaskedLMModule(config).init(key, ids, jnp.ones_like(ids), ids[:, :1])["params"]
-
-
 def position_ids(config: EncoderConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
     """int[B, L] position ids as each family's PyTorch implementation builds them."""
     if config.padding_aware_positions:
