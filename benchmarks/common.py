@@ -17,6 +17,11 @@ import jax.numpy as jnp
 import jaxjoint.models
 from jaxjoint.default import MODEL_DIR as DEFAULT_MODEL_DIR
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
+from jaxjoint.sharding import use_cpu_when_no_accelerator
+
+# With the plan extra installed, JAX would otherwise probe for CUDA and TPUs here and
+# print a cuDNN traceback and libtpu warnings before every CPU benchmark.
+use_cpu_when_no_accelerator()
 
 _BERT = dict(model_type="bert", type_vocab_size=2, max_position_embeddings=512,
              layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)

@@ -44,3 +44,14 @@ def sharp_ckpt(tmp_path_factory):
     from tests.hf_fixtures import sharp_checkpoint
 
     return sharp_checkpoint(tmp_path_factory.mktemp("sharp_ckpt"))
+
+
+@pytest.fixture
+def fresh_plan_cache(monkeypatch):
+    """No plan cached on disk or in memory before or after the test: each plan compiles."""
+    from jaxjoint.plan import cache
+
+    monkeypatch.setenv("JAXJOINT_PLAN_CACHE", "off")
+    cache.clear_memory()
+    yield
+    cache.clear_memory()

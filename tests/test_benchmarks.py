@@ -1,4 +1,4 @@
-"""The end-to-end benchmark runs from the repository and reports every field it promises.
+"""The benchmarks run from the repository and report every field they promise.
 
 Nothing here checks a time: the numbers are whatever this machine gives.
 """
@@ -38,3 +38,26 @@ def test_end_to_end_json_has_every_field(tmp_path):
     assert abs(row["s_total"] - sum(row[k] for k in per_stage)) < 1e-9
     assert abs(row["speedup_vs_baseline"] - row["baseline_s_total"] / row["s_total"]) < 1e-9
     assert "speedup_vs_baseline" in run.stdout
+
+
+@pytest.mark.slow
+def test_buckets_benchmark_compares_both_rules_on_both_mixes(tmp_path):
+    out = tmp_path / "buckets.json"
+    # As a user starts it: JAX chooses the platforms (conftest pins the CPU for this process).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    run = subprocess.run([sys.executable, "-m", "benchmarks.buckets", "--sentences", "3", "--repeats", "1",
+                          "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "Traceback" not in run.stderr  # the installed CUDA plugin and libtpu are not probed
+    rows = {(r["mix"], r["rule"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {(mix, rule) for mix in ("snli-like", "xsum-like")
+                         for rule in ("multiples of 8", "powers of two")}
+    for mix in ("snli-like", "xsum-like"):
+        new, old = rows[mix, "multiples of 8"], rows[mix, "powers of two"]
+        assert new["pairs"] == old["pairs"] == 3 and new["mean_tokens"] == old["mean_tokens"]
+        assert all(b % 8 == 0 for b in new["buckets"]) and new["max_padding"] < 8
+        assert new["mean_padding"] <= old["mean_padding"]
+        assert new["tables_flops_per_pair"] <= old["tables_flops_per_pair"]
+        assert old["tables_speedup"] == 1 and old["main_job_speedup"] == 1
+        for key in ("tables_s_per_pair", "main_job_s", "tables_speedup", "main_job_speedup"):
+            assert new[key] > 0, key

@@ -23,7 +23,7 @@ from jaxjoint.errors import UserError
 from jaxjoint.joints.streaming import sharded_take
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import load_mlm
-from jaxjoint.plan import cache, fit
+from jaxjoint.plan import fit
 from jaxjoint.plan.compile import analyse, assemble_program, derive_program, metrics_program, unary_program
 from jaxjoint.sharding import make_mesh, padded_size, replicated, row_sharding
 from jaxjoint.tables import chunking, pair_tables
@@ -31,12 +31,7 @@ from jaxjoint.tables import chunking, pair_tables
 V = 4096  # one local table: 512 rows x 4096 on 8 devices, 8 MiB; streaming blocks are 1 MiB
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch):
-    monkeypatch.setenv("JAXJOINT_PLAN_CACHE", "off")
-    cache.clear_memory()
-    yield
-    cache.clear_memory()
+pytestmark = pytest.mark.usefixtures("fresh_plan_cache")
 
 
 def local_table_bytes(mesh, vocab: int = V) -> int:

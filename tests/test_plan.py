@@ -33,12 +33,7 @@ TINY = EncoderConfig(
     pad_token_id=0)
 
 
-@pytest.fixture(autouse=True)
-def fresh_cache(monkeypatch):
-    monkeypatch.setenv("JAXJOINT_PLAN_CACHE", "off")
-    cache.clear_memory()
-    yield
-    cache.clear_memory()
+pytestmark = pytest.mark.usefixtures("fresh_plan_cache")
 
 
 # --- targets and data ----------------------------------------------------------------

@@ -38,6 +38,12 @@ def base_prefix(config: EncoderConfig) -> str:
     return "model" if config.family == "modernbert" else config.family
 
 
+def _layer_keys(num_layers: int, layer_prefix: str, layer_names: dict[tuple[str, ...], str]) -> KeyTable:
+    """Every layer's entries: Flax ``layers_{i}/path`` -> ``{layer_prefix}.{i}.{name}``."""
+    return {(f"layers_{i}", *path): (f"{layer_prefix}.{i}.{name}", "norm" if path[-1].endswith("norm") else "dense")
+            for i in range(num_layers) for path, name in layer_names.items()}
+
+
 def parameter_keys(config: EncoderConfig) -> KeyTable:
     """Flax parameter path -> PyTorch module name for one family."""
     if config.family == "modernbert":
@@ -47,7 +53,7 @@ def parameter_keys(config: EncoderConfig) -> KeyTable:
     c = config
     table: KeyTable = {}
     if c.family == "distilbert":
-        emb, layer_fmt = "distilbert.embeddings", "distilbert.transformer.layer.{}"
+        emb, layer_prefix = "distilbert.embeddings", "distilbert.transformer.layer"
         layer_names = {
             ("attention", "query"): "attention.q_lin",
             ("attention", "key"): "attention.k_lin",
@@ -62,7 +68,7 @@ def parameter_keys(config: EncoderConfig) -> KeyTable:
                 "bias": "vocab_projector.bias", "decoder": "vocab_projector"}
     else:
         base = c.family
-        emb, layer_fmt = f"{base}.embeddings", f"{base}.encoder.layer.{{}}"
+        emb, layer_prefix = f"{base}.embeddings", f"{base}.encoder.layer"
         layer_names = {
             ("attention", "query"): "attention.self.query",
             ("attention", "key"): "attention.self.key",
@@ -90,10 +96,7 @@ def parameter_keys(config: EncoderConfig) -> KeyTable:
     table[("word_embeddings",)] = (f"{emb}.word_embeddings", "embed")
     table[("position_embeddings",)] = (f"{emb}.position_embeddings", "embed")
     table[("embeddings_norm",)] = (f"{emb}.LayerNorm", "norm")
-    for i in range(c.num_layers):
-        for path, name in layer_names.items():
-            kind = "norm" if path[-1].endswith("norm") else "dense"
-            table[(f"layers_{i}", *path)] = (f"{layer_fmt.format(i)}.{name}", kind)
+    table |= _layer_keys(c.num_layers, layer_prefix, layer_names)
     table[("head_transform",)] = (head["transform"], "dense")
     table[("head_norm",)] = (head["norm"], "norm")
     table[("head_bias",)] = (head["bias"], "bias")
@@ -121,10 +124,7 @@ def _modernbert_keys(c: EncoderConfig) -> KeyTable:
         ("mlp_in",): "mlp.Wi",
         ("mlp_out",): "mlp.Wo",
     }
-    for i in range(c.num_layers):
-        for path, name in layer_names.items():
-            kind = "norm" if path[-1].endswith("norm") else "dense"
-            table[(f"layers_{i}", *path)] = (f"model.layers.{i}.{name}", kind)
+    table |= _layer_keys(c.num_layers, "model.layers", layer_names)
     return table
 
 
@@ -154,10 +154,7 @@ def _esm_keys(c: EsmEncoderConfig) -> KeyTable:
         ("mlp_in",): "intermediate.dense",
         ("mlp_out",): "output.dense",
     }
-    for i in range(c.num_layers):
-        for path, name in layer_names.items():
-            kind = "norm" if path[-1].endswith("norm") else "dense"
-            table[(f"layers_{i}", *path)] = (f"esm.encoder.layer.{i}.{name}", kind)
+    table |= _layer_keys(c.num_layers, "esm.encoder.layer", layer_names)
     return table
 
 
