@@ -14,29 +14,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-import jaxjoint.models
 from jaxjoint.default import MODEL_DIR as DEFAULT_MODEL_DIR
-from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
+from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf, shipped_hub_configs
 from jaxjoint.sharding import use_cpu_when_no_accelerator
 
 # With the plan extra installed, JAX would otherwise probe for CUDA and TPUs here and
 # print a cuDNN traceback and libtpu warnings before every CPU benchmark.
 use_cpu_when_no_accelerator()
 
-_BERT = dict(model_type="bert", type_vocab_size=2, max_position_embeddings=512,
-             layer_norm_eps=1e-12, hidden_act="gelu", pad_token_id=0)
-# The real configs of the paper's two models (random weights are enough to time them).
-SHAPES: dict[str, dict[str, Any]] = {
-    "bert-base-cased": dict(_BERT, vocab_size=28996, hidden_size=768, num_hidden_layers=12,
-                            num_attention_heads=12, intermediate_size=3072),
-    "bert-large-cased": dict(_BERT, vocab_size=28996, hidden_size=1024, num_hidden_layers=24,
-                             num_attention_heads=16, intermediate_size=4096),
-}
-# ModernBERT-base/-large and ESM-2 8M ... 3B: the shipped hub configs, named without
-# their organisation (answerdotai--ModernBERT-base.json is "ModernBERT-base").
-HUB_CONFIG_DIR = Path(jaxjoint.models.__file__).parent / "hub_configs"
-SHAPES.update({path.stem.split("--", 1)[1]: json.loads(path.read_text())
-               for path in sorted(HUB_CONFIG_DIR.glob("*--*.json"))})
+# Every model shipped in jaxjoint/models/hub_configs (the paper's BERTs, RoBERTa,
+# XLM-R, DistilBERT, ModernBERT, ESM-2), named without its hub organisation:
+# "bert-base-cased", "ModernBERT-base", "esm2_t33_650M_UR50D". Random weights with the
+# real config are enough to time them.
+SHAPES: dict[str, dict[str, Any]] = {hub_id.split("/", 1)[1]: json.loads(path.read_text())
+                                     for hub_id, path in shipped_hub_configs().items()}
 
 
 def model_shape(name: str) -> EncoderConfig:

@@ -26,6 +26,9 @@ def hf_config(family: str, vocab_size: int = 53, hidden: int = 32, layers: int =
         # RoBERTa positions start at pad_token_id + 1, so it needs two spare rows.
         kwargs["max_position_embeddings"] = max_positions + 2
         return transformers.RobertaConfig(**kwargs, type_vocab_size=1)
+    if family == "xlm-roberta":
+        kwargs["max_position_embeddings"] = max_positions + 2
+        return transformers.XLMRobertaConfig(**kwargs, type_vocab_size=1)
     if family == "electra":
         return transformers.ElectraConfig(embedding_size=hidden // 2, **kwargs)
     raise ValueError(family)
@@ -35,6 +38,7 @@ def hf_config(family: str, vocab_size: int = 53, hidden: int = 32, layers: int =
 HEAD_NORM = {
     "bert": "cls.predictions.transform.LayerNorm.weight",
     "roberta": "lm_head.layer_norm.weight",
+    "xlm-roberta": "lm_head.layer_norm.weight",
     "distilbert": "vocab_layer_norm.weight",
     "electra": "generator_predictions.LayerNorm.weight",
     "modernbert": "head.norm.weight",

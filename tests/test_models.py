@@ -9,7 +9,7 @@ from jaxjoint import UserError, load_mlm
 from jaxjoint.models.checkpoint import save_checkpoint
 from tests.hf_fixtures import make_checkpoint, torch_logits, torch_model
 
-FAMILIES = ["bert", "roberta", "distilbert", "electra"]
+FAMILIES = ["bert", "roberta", "xlm-roberta", "distilbert", "electra"]
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -185,8 +185,19 @@ def test_esm_rotary_frequencies_are_read_as_transformers_reads_them(tmp_path, la
 
 # --- configs ------------------------------------------------------------------------
 
-# Parameter counts as published: ModernBERT's paper (149 M, 395 M); ESM-2's names.
+# Parameter counts as published: ModernBERT's paper (149 M, 395 M); ESM-2's names; the
+# BERT (110 M, 340 M, uncased vocabulary), RoBERTa (125 M, 355 M) and DistilBERT (66 M)
+# papers; XLM-R's hub pages (279 M, 561 M; its paper rounds to 270 M and 550 M).
+# Counted here: the MLM (no pooler), decoder tied.
 PUBLISHED_SIZES = {
+    "google-bert--bert-base-cased": (110e6, 0.03),
+    "google-bert--bert-large-cased": (340e6, 0.03),
+    "FacebookAI--roberta-base": (125e6, 0.01),
+    "FacebookAI--roberta-large": (355e6, 0.01),
+    "FacebookAI--xlm-roberta-base": (279e6, 0.01),
+    "FacebookAI--xlm-roberta-large": (561e6, 0.01),
+    "distilbert--distilbert-base-cased": (66e6, 0.02),
+    "distilbert--distilbert-base-uncased": (66e6, 0.02),
     "answerdotai--ModernBERT-base": (149e6, 0.01),
     "answerdotai--ModernBERT-large": (395e6, 0.01),
     "facebook--esm2_t6_8M_UR50D": (8e6, 0.07),
@@ -207,7 +218,7 @@ def test_hub_configs_load_and_have_the_published_size(name):
     if config.family == "modernbert":
         assert config.local_layers[:4] == (False, True, True, False) and config.local_window == 64
         assert (config.vocab_size, config.max_positions, config.pad_token_id) == (50368, 8192, 50283)
-    else:
+    elif config.family == "esm":
         assert config.rotary and config.token_dropout and config.mask_token_id == 32
         assert (config.vocab_size, config.max_positions, config.pad_token_id) == (33, 1026, 1)
 
@@ -252,7 +263,7 @@ def test_unsupported_model_type_lists_every_family():
     with pytest.raises(UserError) as error:
         encoder_config_from_hf({"model_type": "deberta-v2"})
     assert str(error.value) == ("unsupported model_type 'deberta-v2' in config.json; "
-                                "jaxjoint supports bert, roberta, distilbert, electra, modernbert, esm")
+                                "jaxjoint supports bert, roberta, xlm-roberta, distilbert, electra, modernbert, esm")
 
 
 @pytest.mark.parametrize("make, tensor", [

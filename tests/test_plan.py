@@ -92,6 +92,8 @@ def test_shipped_model_configs_resolve_offline():
     assert xlmr.family == "roberta" and xlmr.vocab_size == 250002 and xlmr.padding_aware_positions
     distil = planning_config("distilbert-base-uncased")[1]
     assert distil.num_layers == 6 and distil.vocab_size == 30522
+    assert planning_config("answerdotai/ModernBERT-base")[1] == planning_config("ModernBERT-base")[1]
+    assert planning_config("esm2_t6_8M_UR50D")[1].family == "esm"
 
 
 def test_a_local_directory_plans_from_its_config_json(tmp_path):

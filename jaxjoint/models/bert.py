@@ -5,7 +5,7 @@ row, its queries and feed-forward block only those. For one masked position that
 is 7% fewer FLOPs per pass for bert-base at 32 tokens, 36% for the embedded
 2-layer model at 16 (``jaxjoint.flops`` counts them).
 
-One post-LayerNorm Transformer encoder serves BERT, RoBERTa, DistilBERT and the
+One post-LayerNorm Transformer encoder serves BERT, RoBERTa (and XLM-RoBERTa), DistilBERT and the
 ELECTRA generator; ``checkpoint.py`` maps each family's PyTorch key names onto
 this module's parameter tree.
 

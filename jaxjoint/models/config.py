@@ -12,19 +12,37 @@ caller that reads the shared sizes reads them the same way for every family.
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 from jaxjoint.errors import UserError
 from jaxjoint.models.layers import ACTIVATIONS
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "distilbert", "electra", "modernbert", "esm")
+SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "electra", "modernbert", "esm")
+# model_type -> the family whose module and checkpoint keys it uses: XLM-RoBERTa is
+# RoBERTa's architecture (and its PyTorch keys) with a 250,002-token vocabulary.
+_FAMILY_OF = {"xlm-roberta": "roberta"}
+
+
+# config.json copies of the hub models users ask for, named org--name.json (README there).
+HUB_CONFIG_DIR = Path(__file__).parent / "hub_configs"
+
+
+def shipped_hub_configs() -> dict[str, Path]:
+    """Hub id (``google-bert/bert-base-cased``) -> the config.json copy shipped for it."""
+    return {p.stem.replace("--", "/"): p for p in sorted(HUB_CONFIG_DIR.glob("*--*.json"))}
+
+
+def family_of(model_type: str) -> str:
+    """The family (``EncoderConfig.family``) a supported ``model_type`` is read as."""
+    return _FAMILY_OF.get(model_type, model_type)
 
 
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     """Sizes and conventions of a BERT-family masked language model."""
 
-    family: str  # one of SUPPORTED_MODEL_TYPES
+    family: str  # the module and checkpoint keys: a SUPPORTED_MODEL_TYPES entry, xlm-roberta as roberta
     vocab_size: int
     hidden_size: int
     embedding_size: int  # differs from hidden_size only for ELECTRA
@@ -148,8 +166,9 @@ def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
                 tie_word_embeddings=hf.get("tie_word_embeddings", True),
             )
         hidden = hf["hidden_size"]
+        family = family_of(model_type)
         return EncoderConfig(
-            family=model_type,
+            family=family,
             vocab_size=hf["vocab_size"],
             hidden_size=hidden,
             embedding_size=hf.get("embedding_size", hidden),
@@ -161,7 +180,7 @@ def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
             layer_norm_eps=hf.get("layer_norm_eps", 1e-12),
             hidden_act=hf.get("hidden_act", "gelu"),
             pad_token_id=hf.get("pad_token_id", 0) or 0,
-            padding_aware_positions=model_type == "roberta",
+            padding_aware_positions=family == "roberta",
             tie_word_embeddings=hf.get("tie_word_embeddings", True),
         )
     except KeyError as missing:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxjoint.models.bert import MaskedLMModule
-from jaxjoint.models.config import SUPPORTED_MODEL_TYPES, EncoderConfig
+from jaxjoint.models.config import SUPPORTED_MODEL_TYPES, EncoderConfig, family_of
 from jaxjoint.models.esm import EsmMaskedLM
 from jaxjoint.models.modernbert import ModernBertMaskedLM
 
@@ -25,7 +25,7 @@ MODULES: dict[str, type[nn.Module]] = {
     "modernbert": ModernBertMaskedLM,
     "esm": EsmMaskedLM,
 }
-assert set(MODULES) == set(SUPPORTED_MODEL_TYPES)
+assert set(MODULES) == {family_of(t) for t in SUPPORTED_MODEL_TYPES}
 
 
 def masked_lm_module(config: EncoderConfig, dtype: Any = jnp.float32) -> nn.Module:

@@ -15,41 +15,31 @@ import jax
 import jax.numpy as jnp
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf
+from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf, shipped_hub_configs
 from jaxjoint.models.families import init_params
-
-MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-# ModernBERT and ESM-2 hub configs, kept by jaxjoint.models (named org--name.json).
-HUB_CONFIG_DIR = Path(__file__).parent.parent / "models" / "hub_configs"
-# Hub organisations that now own the classic model names.
-_HUB_PREFIXES = ("google-bert/", "FacebookAI/", "distilbert/")
 
 
 def shipped_models() -> tuple[str, ...]:
-    """Names ``--model`` resolves offline."""
-    names = [p.stem for p in MODEL_CONFIG_DIR.glob("*.json")]
-    names += [p.stem.replace("--", "/") for p in HUB_CONFIG_DIR.glob("*.json")]
-    return tuple(sorted(names))
+    """Hub ids ``--model`` resolves offline (also by the name after the ``/``)."""
+    return tuple(shipped_hub_configs())
 
 
 def planning_config(source: str) -> tuple[str, EncoderConfig]:
-    """(display name, ``EncoderConfig``) for ``source``: a shipped name (also with its
-    hub organisation, ``google-bert/bert-base-cased``; ModernBERT and ESM-2 by hub
-    id, ``answerdotai/ModernBERT-base``), ``default`` (the embedded model), a local
+    """(display name, ``EncoderConfig``) for ``source``: a shipped model by hub id
+    (``google-bert/bert-base-cased``, ``answerdotai/ModernBERT-base``) or by the name
+    after the ``/`` (``bert-base-cased``), ``default`` (the embedded model), a local
     directory or config.json file, or a hub name (config.json only, downloaded).
     """
     name = str(source)
-    short = next((name[len(p):] for p in _HUB_PREFIXES if name.startswith(p)), name)
-    shipped = MODEL_CONFIG_DIR / f"{short}.json"
-    if shipped.is_file():
-        return short, config_from_hf(json.loads(shipped.read_text()))
-    hub_copy = HUB_CONFIG_DIR / f"{name.replace('/', '--')}.json"
-    if "/" in name and hub_copy.is_file():
-        return name, config_from_hf(json.loads(hub_copy.read_text()))
+    shipped = {hub_id: path for hub_id, path in shipped_hub_configs().items()
+               if name in (hub_id, hub_id.split("/", 1)[1])}
+    if len(shipped) == 1:
+        (path,) = shipped.values()
+        return name, encoder_config_from_hf(json.loads(path.read_text()))
     if name == "default":
         from jaxjoint.default import MODEL_DIR
 
-        return "default", config_from_hf(json.loads((MODEL_DIR / "config.json").read_text()))
+        return "default", encoder_config_from_hf(json.loads((MODEL_DIR / "config.json").read_text()))
     path = Path(name).expanduser()
     if path.is_dir():
         path = path / "config.json"
@@ -60,17 +50,10 @@ def planning_config(source: str) -> tuple[str, EncoderConfig]:
             hf = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"{path} is not valid JSON ({err})") from None
-        return str(source), config_from_hf(hf)
+        return str(source), encoder_config_from_hf(hf)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path {name} does not exist")
-    return name, config_from_hf(_hub_config(name))
-
-
-def config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
-    """``encoder_config_from_hf``, with XLM-RoBERTa planned as the RoBERTa encoder it is."""
-    if hf.get("model_type") == "xlm-roberta":
-        hf = {**hf, "model_type": "roberta"}
-    return encoder_config_from_hf(hf)
+    return name, encoder_config_from_hf(_hub_config(name))
 
 
 def _hub_config(name: str) -> dict[str, Any]:
