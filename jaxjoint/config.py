@@ -35,6 +35,8 @@ from jaxjoint.data import EMBEDDED_SAMPLE, MASKINGS, default_limit, is_data_name
 from jaxjoint.errors import UserError
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
 from jaxjoint.models.mlm import DTYPES
+from jaxjoint.plan.planner import DEFAULT_LENGTHS
+from jaxjoint.tables import MAX_CHUNK, PREFETCH
 
 DEFAULT_MODEL = default.NAME
 DISTRIBUTED_MODES = ("none", "pairs", "global")
@@ -49,8 +51,8 @@ def option(default: Any, help: str, *, kind: str, metavar: str | None = None, ch
     kind: how a value is read and checked: ``int`` (with ``minimum``), ``positive``
       (a float > 0), ``choice`` (one of ``choices``), ``methods`` (a list or
       comma-separated subset of ``METHODS``), ``path`` (a file or directory; made
-      absolute), ``source`` (a built-in name, a hub name, or a path) or ``switch``
-      (a flag that takes no value).
+      absolute), ``source`` (a built-in name, a hub name, or a path), ``text`` (a
+      non-empty string, never read as a path) or ``switch`` (a flag that takes no value).
     result: the value changes what a pair's record holds (a resumed run must match).
     per_host: may differ between the processes of one run (paths, the data slice).
     commands: the subcommands that take it as a flag; many: the flag takes one or
@@ -115,7 +117,7 @@ class LaunchOptions:
     so it is not part of the run's config (``jaxjoint.run.distributed.initialize``)."""
 
     coordinator: str | None = option(None, "process 0's address, reachable by every process (not needed on TPU "
-                                     "VMs, SLURM, Open MPI)", kind="source", metavar="HOST:PORT",
+                                     "VMs, SLURM, Open MPI)", kind="text", metavar="HOST:PORT",
                                      commands=("evaluate",))
     num_processes: int | None = option(None, "number of processes in the run", kind="int", minimum=1,
                                        metavar="N", commands=("evaluate",))
@@ -129,14 +131,14 @@ class PlanOptions:
 
     target: str | None = option(None, "h100, h200, a100 or b200 with an optional xN device count (h100x8; more "
                                 "than 8 means hosts of 8), a TPU slice (v5e:2x2, v5p:2x2x1, v6e:2x4, v4:2x2x1), "
-                                "or local (this machine's devices)", kind="source", metavar="TARGET",
+                                "or local (this machine's devices)", kind="text", metavar="TARGET",
                                 commands=("plan",), required=True)
-    length: tuple[int, ...] = option((32,), "sentence lengths in tokens, special tokens included; each is planned "
-                                     "at its bucket", kind="int", minimum=1, metavar="N", commands=("plan",),
-                                     many=True)
-    prefetch: int = option(1, "pairs queued on the devices behind the one being scored", kind="int", minimum=0,
+    length: tuple[int, ...] = option(DEFAULT_LENGTHS, "sentence lengths in tokens, special tokens included; each "
+                                     "is planned at its bucket", kind="int", minimum=1, metavar="N",
+                                     commands=("plan",), many=True)
+    prefetch: int = option(PREFETCH, "pairs queued on the devices behind the one being scored", kind="int", minimum=0,
                            metavar="N", commands=("plan",))
-    max_chunk: int = option(4096, "the largest chunk to consider", kind="int", minimum=8, metavar="N",
+    max_chunk: int = option(MAX_CHUNK, "the largest chunk to consider", kind="int", minimum=8, metavar="N",
                             commands=("plan",))
     no_suggest: bool = option(False, "when it does not fit, do not compile alternatives to name one that does",
                               kind="switch", commands=("plan",))
@@ -300,10 +302,12 @@ def check_value(key: str, value: Any) -> Any:
 def _checked(field: dataclasses.Field, value: Any) -> Any:
     key, meta = field.name, field.metadata
     kind = meta["kind"]
-    if kind in ("path", "source"):
+    if kind in ("path", "source", "text"):
         if not isinstance(value, str) or not value.strip():
             raise UserError(f"config key {key!r} must be a non-empty string")
         text = value.strip()
+        if kind == "text":
+            return text
         builtin = (key == "model" and text == DEFAULT_MODEL) or (key == "data" and is_data_name(text))
         return text if builtin else _absolute(kind, text)
     if kind == "choice":

@@ -14,7 +14,7 @@ import yaml
 
 from jaxjoint import UserError, cli, load_mlm, scoring
 from jaxjoint.cli import build_parser, main
-from jaxjoint.config import KEYS, read_config_file, resolve_config
+from jaxjoint.config import KEYS, LaunchOptions, PlanOptions, read_config_file, resolve_config, resolve_options
 from jaxjoint.explain import explain_pair
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,6 +199,17 @@ def test_value_forms():
         with pytest.raises(UserError, match=message):
             cli._config(build_parser().parse_args(["evaluate", *args]))
     assert resolve_config({}).ag_options() == {"iters": 40}
+
+
+def test_names_that_are_not_paths_stay_names(tmp_path, monkeypatch):
+    """A target or a coordinator address is never taken for a file of the same name."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("local", "h100", "v5e:2x2", "host:1234"):
+        (tmp_path / name).mkdir()
+    for target in ("local", "h100", "v5e:2x2"):
+        assert resolve_options(PlanOptions, {"target": target}).target == target
+    assert resolve_options(LaunchOptions, {"coordinator": "host:1234"}).coordinator == "host:1234"
+    assert resolve_config({"model": "local"}).model == str(tmp_path / "local")  # a model may be a path
 
 
 def test_embedded_sets_default_to_a_sample(tmp_path):

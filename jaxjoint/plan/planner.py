@@ -22,7 +22,7 @@ from jaxjoint.plan.models import planning_config
 from jaxjoint.plan.report import BucketPlan, PlanReport, roofline, table_passes
 from jaxjoint.plan.targets import Target, resolve_target, target_for_devices
 from jaxjoint.sharding import mesh_size
-from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, bucket_length, chunking
+from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, PREFETCH, bucket_length, chunking
 
 DEFAULT_LENGTHS = (32,)
 
@@ -35,7 +35,7 @@ def make_plan(
     dtype: str = "float32",
     methods: Sequence[str] = METHODS,
     ag_options: dict[str, Any] | None = None,
-    prefetch: int = 1,
+    prefetch: int = PREFETCH,
     max_chunk: int = MAX_CHUNK,
     suggest: bool = True,
 ) -> PlanReport:
