@@ -232,7 +232,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except UserError as err:
         print(f"jaxjoint: error: {' '.join(str(err).split())}", file=sys.stderr)
-        if isinstance(err, distributed.ProcessFailure):
+        if isinstance(err, distributed.ProcessFailure) or distributed.is_initialized():
+            # A normal exit waits in the runtime's shutdown handshake for processes that
+            # may be waiting for this one (process 0's write failure is its alone).
             distributed.exit_now(2)
         return 2
     except KeyboardInterrupt:

@@ -285,6 +285,41 @@ def test_sigterm_stops_every_process_and_a_restart_completes_the_run(setup, refe
     assert records(out) == records(reference)
 
 
+FULL_DISK_CLI = """
+import resource, sys
+from jaxjoint.cli import main
+
+if sys.argv[sys.argv.index("--process-id") + 1] == "0":
+    limit = int(sys.argv.pop(1))  # a file this process writes cannot grow past it (EFBIG)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+else:
+    sys.argv.pop(1)
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_a_write_failure_on_process_0_stops_every_process(setup, reference, tmp_path):
+    """Only process 0 writes, so only it sees the disk fill: all stop at once, nothing lost."""
+    out = tmp_path / "run"
+    want = records(reference)
+    three = sum(len(line) + 1 for line in (reference / "pairs.jsonl").read_text().splitlines()[:3])
+    (tmp_path / "full_disk_cli.py").write_text(FULL_DISK_CLI)
+    start_s = time.monotonic()
+    results = finish(start(setup, out, "pairs", cli=[sys.executable, str(tmp_path / "full_disk_cli.py"),
+                                                     str(three + 10)]), timeout=120)
+    assert time.monotonic() - start_s < 90, "a process waited for the runtime's timeout"
+    (code0, err0), (code1, err1) = results
+    assert code0 == 2 and re.fullmatch(r"jaxjoint: error: cannot write .*pairs\.jsonl \(File too large\); "
+                                       r"3 finished pairs are safe in .*", error_line(err0)), err0
+    assert code1 == 2 and re.fullmatch(r"jaxjoint: error: process 0 failed: cannot write .*pairs\.jsonl "
+                                       r"\(File too large\); .*", error_line(err1)), err1
+    assert records(out) == want[:3] and not (out / "summary.json").exists()
+    for code, stderr in finish(start(setup, out, "pairs")):
+        assert code == 0, stderr
+    assert records(out) == want
+
+
 @pytest.mark.parametrize("extra,message", [
     (["--coordinator", "localhost:1234"], r"--coordinator, --num-processes and --process-id need --distributed"),
     (["--distributed", "pairs", "--coordinator", "localhost:1234"], r"give --coordinator HOST:PORT, "

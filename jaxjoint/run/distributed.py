@@ -21,7 +21,8 @@ are those a single-process run writes. Every process loads the data and model
 itself, and the run checks that all of them made the same pairs.
 
 Failures. A step that fails on one process (an error while scoring a pair, a
-bad input) is reported to all processes at the next exchange, and all of them
+bad input, process 0's write of a round to a full disk) is reported to all
+processes at the next exchange, and all of them
 stop with a one-line message saying which process failed and why; process 0
 first appends every pair of that round that did finish. A process that dies
 outright makes the others' next exchange fail: they stop with ``ProcessFailure``,

@@ -225,15 +225,23 @@ def _score_pairs(config: EvalConfig, run: _Run, todo: list[MaskedPair], procs: P
             results = exchange.results
         else:
             results = [_score_together(score, batch[0], procs)]
-        for pair, result in zip(batch, results):
-            if result is not None:
-                record = scoring.pair_record(pair, result["metrics"], result["unary"])
-                finished[pair.index] = record
-                if writer is not None:
-                    writer.append(record)
-                progress.update()
+        # Only process 0 writes: a write failure (a full disk) is exchanged, so that
+        # every process stops with it instead of waiting for process 0.
+        procs.agree(lambda batch=batch, results=results: _keep_round(batch, results, finished, writer, progress))
         if spread:
             exchange.check(lambda j, batch=batch: f"process {j} on sentence {batch[j].index}")
+
+
+def _keep_round(batch: list[MaskedPair], results: list[dict[str, Any] | None], finished: dict[int, Record],
+                writer: PairWriter | None, progress: Any) -> None:
+    """Add the round's finished pairs to ``finished`` and, on process 0, to ``pairs.jsonl``."""
+    for pair, result in zip(batch, results):
+        if result is not None:
+            record = scoring.pair_record(pair, result["metrics"], result["unary"])
+            finished[pair.index] = record
+            if writer is not None:
+                writer.append(record)
+            progress.update()
 
 
 def _score_together(score: Callable[[MaskedPair], dict[str, Any]], pair: MaskedPair,
