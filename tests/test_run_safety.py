@@ -81,6 +81,19 @@ def test_a_directory_held_by_a_live_process_is_refused(sharp_ckpt, sentences, tm
     assert len(lines(out)) == 2
 
 
+def test_a_filesystem_without_locks_runs_with_a_warning(sharp_ckpt, sentences, tmp_path, capsys, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    out = tmp_path / "run"
+    assert main(run_args(sharp_ckpt, sentences, out, "--max-sentences", "2")) == 0
+    warning = [line for line in capsys.readouterr().err.splitlines() if line.startswith("jaxjoint")]
+    assert warning == [f"jaxjoint: warning: cannot lock {out / rundir.LOCK_FILE} ({os.strerror(errno.ENOLCK)}); "
+                       "nothing stops a second run on this --out meanwhile"]
+    assert len(lines(out)) == 2
+
+
 def test_bad_input_leaves_no_directory_behind(sharp_ckpt, tmp_path, capsys):
     out = tmp_path / "new" / "run"
     assert main(run_args(sharp_ckpt, tmp_path / "missing.txt", out)) == 2

@@ -80,10 +80,11 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_all_atomic(files: dict[Path, str]) -> None:
-    """Replace each file by its text, all or none: every new file is written and
-    fsynced beside its target first, then each is renamed over it (a rename needs
-    no space), so a full disk leaves every old file as it was. ``OSError`` on failure,
-    with the temporary files removed."""
+    """Replace each file by its text: every new file is written and fsynced beside
+    its target first, then each is renamed over it (a rename needs no space), so a
+    full disk leaves every old file as it was. ``OSError`` on failure, with the
+    temporary files removed. (A kill between two renames can leave one new file
+    beside an old one; each is whole.)"""
     written = []
     try:
         for path, text in files.items():
@@ -195,6 +196,9 @@ class RunDir:
             os.close(fd)
             raise UserError(f"{self.path} is in use by another jaxjoint run ({holder}); wait for it to finish, "
                             "or give another --out") from None
+        except OSError as err:  # a filesystem without locks (some NFS and Lustre mounts): run, but say so
+            print(f"jaxjoint: warning: cannot lock {path} ({err.strerror}); nothing stops a second run on this "
+                  "--out meanwhile", file=sys.stderr)
         lock = RunLock(fd, path, created)
         try:
             os.ftruncate(fd, 0)
