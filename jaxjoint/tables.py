@@ -224,10 +224,12 @@ def _compiled_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: 
 def chunking(rows: int, max_chunk: int) -> tuple[int, int]:
     """(number of chunks, chunk size) covering ``rows`` rows per device with chunks
     of at most ``max_chunk`` (``chunk_size``), as even as possible so that the last
-    chunk, which overlaps the one before it, recomputes few rows. The one rule for
-    the split: ``substitution_table`` runs it, ``jaxjoint.plan`` compiles it."""
+    chunk, which overlaps the one before it, recomputes few rows, and a multiple of
+    ``CHUNK_STEP`` where ``max_chunk`` and ``rows`` allow. The one rule for the
+    split: ``substitution_table`` runs it, ``jaxjoint.plan`` compiles it."""
     n_chunks = math.ceil(rows / max_chunk)
-    return n_chunks, math.ceil(rows / n_chunks)
+    even = math.ceil(rows / n_chunks)
+    return n_chunks, min(max_chunk, rows, math.ceil(even / CHUNK_STEP) * CHUNK_STEP)
 
 
 @functools.partial(jax.jit, static_argnames=("module", "mesh", "n_chunks", "chunk", "rows"))

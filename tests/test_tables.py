@@ -182,6 +182,17 @@ def test_buckets_and_chunk_budget(mlm):
     assert small % 8 == 0 and large > small
 
 
+def test_chunks_are_few_even_and_multiples_of_8():
+    for rows in range(8, 4097, 8):
+        for max_chunk in (8, 64, 96, 512, 4096):
+            n, chunk = chunking(rows, max_chunk)
+            # the fewest chunks of at most max_chunk; their overlap recomputes under 8 rows a chunk
+            assert n == -(-rows // max_chunk) and chunk <= max_chunk and n * chunk >= rows
+            assert chunk % 8 == 0 and n * chunk - rows < 8 * n, (rows, max_chunk)
+    assert chunking(29000 // 8 * 8, 512) == (57, 512)  # not 509 sequences a step
+    assert chunking(56, 12) == (5, 12)  # a chunk_size the user chose is never exceeded
+
+
 @pytest.mark.parametrize("a,b", [(3, 3), (-1, 2), (1, 99)])
 def test_bad_positions(mlm, a, b):
     with pytest.raises(UserError, match="positions"):
