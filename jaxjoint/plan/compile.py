@@ -8,7 +8,7 @@ metrics core and the MLM's unary NLL. Every input is a ``jax.ShapeDtypeStruct`` 
 nothing is allocated and no weights are needed.
 
 Numbers are per device: after SPMD partitioning each device runs the same program
-on its shard. XLA's cost analysis counts a while loop's body once (``lax.map``
+on its shard. XLA's cost analysis counts a while loop's body once (the ``fori_loop``
 over chunks, AG's iterations, the streaming passes' row blocks): callers multiply
 by trip counts where they know them.
 """

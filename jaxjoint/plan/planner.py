@@ -8,8 +8,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-
 from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
@@ -21,10 +19,15 @@ from jaxjoint.plan.compile import ProgramCost, local_rows, params_bytes
 from jaxjoint.plan.models import planning_config
 from jaxjoint.plan.report import BucketPlan, PlanReport, roofline, table_passes
 from jaxjoint.plan.targets import Target, resolve_target, target_for_devices
-from jaxjoint.sharding import mesh_size
+from jaxjoint.sharding import local_mesh, mesh_size
 from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, PREFETCH, bucket_length, chunking
 
 DEFAULT_LENGTHS = (32,)
+
+
+def _ag_iterations(ag: dict[str, Any]) -> int:
+    """The AG iterations a plan assumes: the fixed count, or the cap under a tolerance."""
+    return ag.get("iters") or (ag.get("max_iters", AG_MAX_ITERS) if "tol" in ag else AG_ITERS)
 
 
 def make_plan(
@@ -74,11 +77,10 @@ def make_plan(
     start = time.perf_counter()
     buckets = tuple(_plan_bucket(resolved, config, length, dtype, methods, ag, prefetch, max_chunk)
                     for length in lengths)
-    ag_iterations = ag.get("iters") or (ag.get("max_iters", AG_MAX_ITERS) if "tol" in ag else AG_ITERS)
     report = PlanReport(
         target=resolved.name, chip=resolved.chip, devices=resolved.device_count, hosts=resolved.hosts,
         usable_bytes_per_device=resolved.usable_bytes_per_device, memory_note=resolved.memory_note,
-        model=name, vocab_size=config.vocab_size, dtype=dtype, methods=methods, ag_iterations=ag_iterations,
+        model=name, vocab_size=config.vocab_size, dtype=dtype, methods=methods, ag_iterations=_ag_iterations(ag),
         prefetch=prefetch, params_bytes=params_bytes(config), buckets=buckets, reason=None,
         versions=compiler_versions(), compile_seconds=0.0)
     reason = None
@@ -125,7 +127,7 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     executed_per_device = 2 * n_chunks * chunk * per_sequence + sequence_flops(config, bucket, 2)
     xla = None
     if tables.flops and both.flops:
-        # XLA counts lax.map's body, one chunk, once: per sequence = flops / chunk.
+        # XLA counts the chunk loop's body, one chunk, once: per sequence = flops / chunk.
         xla = 2 * config.vocab_size * tables.flops / chunk + both.flops
     table_bytes = tables.output_bytes or table_bytes
     # Parameters are read once per chunk step, the table written once.
@@ -133,10 +135,9 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     xla_seconds = None
     if tables.optimal_seconds and tables.optimal_seconds > 0 and both.optimal_seconds and both.optimal_seconds > 0:
         xla_seconds = 2 * n_chunks * tables.optimal_seconds + both.optimal_seconds
-    ag_iterations = ag.get("iters") or (ag.get("max_iters", AG_MAX_ITERS) if "tol" in ag else AG_ITERS)
     estimate = roofline(
         target.chip, dtype, executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,
-        table_bytes=table_bytes, passes=table_passes(methods, ag_iterations), xla_tables_seconds=xla_seconds)
+        table_bytes=table_bytes, passes=table_passes(methods, _ag_iterations(ag)), xla_tables_seconds=xla_seconds)
     programs: list[ProgramCost] = [tables, both, assemble, *joints.values(), *metrics.values(), unary]
     return BucketPlan(
         length=length, bucket=bucket, fits=fits, chunk_size=choice.chunk_size if choice else None,
@@ -237,14 +238,14 @@ def _more_local_devices(target: Target, worst: BucketPlan, params: int, config: 
     count = next((c for c in range(n + 1, 64 * n + 1) if need(c)), None)
     if count is None:
         return None
-    kind = target.devices[0].device_kind
-    here = [d for d in jax.local_devices() if d.device_kind == kind]
+    here = local_mesh().size
     if target.hosts == 1:
-        for tried in sorted({c for c in (count, len(here)) if n < c <= len(here)}):
-            alt = make_plan(target_for_devices(here[:tried], usable_bytes=target.usable_bytes_per_device), config,
+        for tried in sorted({c for c in (count, here) if n < c <= here}):
+            alt = make_plan(target_for_devices(local_mesh(tried).devices.flat,  # what --devices N runs on
+                                               usable_bytes=target.usable_bytes_per_device), config,
                             suggest=False, **options)
             if alt.fits:
-                return (f"fits on {tried} of this host's {len(here)} devices (--devices {tried}), "
+                return (f"fits on {tried} of this host's {here} devices (--devices {tried}), "
                         f"chunk {alt.worst.chunk_size}")
     return f"would need about {count} such devices (estimated from the compiled peak, not compiled)"
 

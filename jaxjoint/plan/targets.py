@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 from jaxjoint import tables
 from jaxjoint.errors import UserError
 from jaxjoint.plan.hardware import Chip, chip_for_device_kind, chips, gpu_target_config_text
-from jaxjoint.sharding import make_mesh, use_only_cpu_backend
+from jaxjoint.sharding import local_mesh, make_mesh, use_only_cpu_backend
 
 GPUS_PER_HOST = 8
 # JAX's GPU allocator takes this fraction of device memory unless
@@ -150,7 +150,7 @@ def _tpu_target(name: str, chip: Chip) -> Target:
 
 
 def _local_target() -> Target:
-    return target_for_devices(jax.local_devices())
+    return target_for_devices(local_mesh().devices.flat)  # the devices a run with no --devices takes
 
 
 def target_for_devices(devices, *, usable_bytes: int | None = None) -> Target:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,7 +31,7 @@ def summarize(config: EvalConfig, records: Sequence[Record], n_skipped: int) -> 
         "n_skipped": n_skipped,
         "methods": {m: {k: per_method[m][k] for k in ("p_ppl", "u_ppl", "kl_gold", "kl_all")}
                     for m in config.methods},
-        "mlm_unary_u_ppl": math.exp(math.fsum(r["mlm_unary_u_nll"] for r in records) / len(records)),
+        "mlm_unary_u_ppl": per_method[config.methods[0]]["mlm_unary_u_ppl"],  # the same for every method
     }
     if "ag" in config.methods:
         ag = [r["metrics"]["ag"] for r in records]
