@@ -70,7 +70,7 @@ class EvalConfig:
     model: str = option(DEFAULT_MODEL, "checkpoint directory, hub name, or 'default' (the embedded model)",
                         kind="source", metavar="PATH|NAME", result=True, per_host=True)
     data: str = option("default", "default, default-news, snli, xsum, a .txt / .jsonl file, or a FASTA file "
-                       "(.fa, .fasta) for a protein MLM",
+                       "(.fa, .faa, .fasta) for a protein MLM",
                        kind="source", metavar="NAME|PATH", result=True, per_host=True, commands=("evaluate",))
     masking: str = option("random", "how the two positions are drawn: random or contiguous (DESIGN.md §2)",
                           kind="choice", choices=MASKINGS, metavar="KIND", result=True, commands=("evaluate",))

@@ -7,7 +7,7 @@ A data source is a name or a path:
 - ``snli`` / ``xsum``: the paper's sets, through ``datasets.load_dataset``
   (downloaded once, then read from the local cache);
 - a ``.txt`` file (one sentence a line) or a ``.jsonl`` file (a ``text`` field a line);
-- a FASTA file (``.fa``, ``.fasta``) of protein sequences, one record a pair, for
+- a FASTA file (``.fa``, ``.faa``, ``.fasta``) of protein sequences, one record a pair, for
   a protein MLM (ESM-2) whose tokenizer reads one residue a token.
 
 Blank lines are not sentences. A sentence's ``index`` is its 0-based position in
@@ -37,7 +37,7 @@ LOCAL_SETS = {"default": SENTENCE_FILES["short"], "default-news": SENTENCE_FILES
 HUB_SETS = {"snli": "stanfordnlp/snli", "xsum": "EdinburghNLP/xsum"}
 DATA_NAMES = (*LOCAL_SETS, *HUB_SETS)
 TEXT_SUFFIXES = (".txt", ".jsonl")
-FASTA_SUFFIXES = (".fa", ".fasta")
+FASTA_SUFFIXES = (".fa", ".faa", ".fasta")  # compared in lower case, as TEXT_SUFFIXES
 MAX_TOKENS = 512  # the paper truncates every sentence to 512 tokens
 # An embedded set is scored on its first sentences only unless a count is given,
 # so that the README's first command answers in a few minutes on a laptop CPU.
@@ -123,10 +123,10 @@ def load_sentences(data: str, limit: int | None = None) -> list[str] | list[Fast
         sentences = _hub_sentences(data, limit)
     else:
         path = _data_path(data)
-        sentences = fasta_records(path) if path.suffix in FASTA_SUFFIXES else _file_sentences(path)
+        sentences = fasta_records(path) if _suffix(path) in FASTA_SUFFIXES else _file_sentences(path)
     sentences = sentences if limit is None else sentences[:limit]
     if not sentences:
-        what = "FASTA records" if Path(data).suffix in FASTA_SUFFIXES else "sentences"
+        what = "FASTA records" if _suffix(Path(data)) in FASTA_SUFFIXES else "sentences"
         raise UserError(f"data {data!r} holds no {what}")
     return sentences
 
@@ -140,30 +140,35 @@ def _data_path(data: str) -> Path:
                 "or give a .txt/.jsonl path")
         return path
     path = Path(data).expanduser()
-    if path.suffix not in (*TEXT_SUFFIXES, *FASTA_SUFFIXES):
+    if _suffix(path) not in (*TEXT_SUFFIXES, *FASTA_SUFFIXES):
         if not path.exists():
             raise UserError(
                 f"unknown data {data!r}: give one of {', '.join(DATA_NAMES)} "
-                "or a path to a .txt, .jsonl or FASTA (.fa, .fasta) file")
+                "or a path to a .txt, .jsonl or FASTA (.fa, .faa, .fasta) file")
         raise UserError(f"data file {data} must end in .txt (a sentence a line), .jsonl (a 'text' field) "
-                        "or .fa/.fasta (protein sequences)")
+                        "or .fa/.faa/.fasta (protein sequences)")
     if not path.is_file():
         raise UserError(f"data file {data} does not exist")
     return path
+
+
+def _suffix(path: Path) -> str:
+    return path.suffix.lower()
 
 
 def _read_lines(path: Path) -> list[str]:
     try:
         # Lines end at "\n" alone: str.splitlines would also split at form feeds and
         # U+2028, which may stand inside a sentence or a JSON string.
-        return [line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n")]
+        # utf-8-sig: a byte-order mark (some Windows editors write one) is not text.
+        return [line.rstrip("\r") for line in path.read_text(encoding="utf-8-sig").split("\n")]
     except (OSError, UnicodeDecodeError) as err:
         raise UserError(f"cannot read data file {path} ({err})") from None
 
 
 def _file_sentences(path: Path) -> list[str]:
     lines = _read_lines(path)
-    if path.suffix == ".txt":
+    if _suffix(path) == ".txt":
         return [line.strip() for line in lines if line.strip()]
     sentences = []
     for number, line in enumerate(lines, 1):

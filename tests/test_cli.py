@@ -294,6 +294,8 @@ def test_plot_command(sharp_ckpt, sentences, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["plot", str(tmp_path / "empty")]) == 2
     assert "no finished pairs" in capsys.readouterr().err
+    assert main(["plot", str(tmp_path / "run"), "--output", str(tmp_path / "plot.xyz")]) == 2
+    assert capsys.readouterr().err.startswith(f"jaxjoint: error: cannot write {tmp_path / 'plot.xyz'}: Format 'xyz'")
 
 
 def test_the_cli_loads_no_training_code_and_no_torch():

@@ -102,6 +102,11 @@ def test_a_local_directory_plans_from_its_config_json(tmp_path):
     assert config.vocab_size == 77 and config.hidden_size == 48 and config.family == "roberta"
     with pytest.raises(UserError):
         planning_config(str(tmp_path / "missing"))
+    for content, message in ((b"[1, 2]", "config.json must hold a JSON object, not a list"),
+                             (b"\xff\xfe{", "cannot read .*config.json as JSON")):
+        (tmp_path / "config.json").write_bytes(content)
+        with pytest.raises(UserError, match=message):
+            planning_config(str(tmp_path))
 
 
 def test_unknown_model_offline_is_a_one_line_user_error():

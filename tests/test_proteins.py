@@ -86,10 +86,10 @@ def test_fasta_records(fasta_file):
     assert [(r.id, r.sequence) for r in load_sentences(str(fasta_file), limit=2)] == RECORDS[:2]
 
 
-@pytest.mark.parametrize("suffix", [".fa", ".fasta"])
-def test_both_suffixes(tmp_path, suffix):
+@pytest.mark.parametrize("suffix", [".fa", ".faa", ".fasta", ".FASTA"])
+def test_fasta_suffixes(tmp_path, suffix):
     path = tmp_path / f"p{suffix}"
-    path.write_text(">a\nMK\n")
+    path.write_bytes(b"\xef\xbb\xbf>a\nMK\n")  # a byte-order mark before the first header
     assert [(r.id, r.sequence) for r in load_sentences(str(path))] == [("a", "MK")]
 
 
@@ -109,8 +109,8 @@ def test_bad_fasta_files(tmp_path, content, message):
 
 
 def test_other_suffixes_name_fasta(tmp_path):
-    with pytest.raises(UserError, match=r"\.txt, \.jsonl or FASTA \(\.fa, \.fasta\)"):
-        load_sentences(str(tmp_path / "missing.faa"))
+    with pytest.raises(UserError, match=r"\.txt, \.jsonl or FASTA \(\.fa, \.faa, \.fasta\)"):
+        load_sentences(str(tmp_path / "missing.seq"))
 
 
 @pytest.mark.parametrize("sequence,line,char", [

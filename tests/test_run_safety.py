@@ -94,6 +94,15 @@ def test_a_filesystem_without_locks_runs_with_a_warning(sharp_ckpt, sentences, t
     assert len(lines(out)) == 2
 
 
+def test_a_directory_with_a_foreign_config_yaml_is_refused(sharp_ckpt, sentences, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("- a list, not a run's settings\n")
+    assert main(run_args(sharp_ckpt, sentences, out, "--max-sentences", "2")) == 2
+    assert error_line(capsys) == f"jaxjoint: error: {out / 'config.yaml'} is not a jaxjoint run's config; " \
+                                 "choose a new --out directory"
+
+
 def test_bad_input_leaves_no_directory_behind(sharp_ckpt, tmp_path, capsys):
     out = tmp_path / "new" / "run"
     assert main(run_args(sharp_ckpt, tmp_path / "missing.txt", out)) == 2

@@ -134,6 +134,8 @@ def _check_rotary(config: EncoderConfig) -> None:
 
 def encoder_config_from_hf(hf: dict[str, Any]) -> EncoderConfig:
     """Build an ``EncoderConfig`` from a parsed HF ``config.json`` dict."""
+    if not isinstance(hf, dict):
+        raise UserError(f"config.json must hold a JSON object, not a {type(hf).__name__}")
     model_type = hf.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UserError(

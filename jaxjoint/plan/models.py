@@ -47,9 +47,9 @@ def planning_config(source: str) -> tuple[str, EncoderConfig]:
             raise UserError(f"{path.parent} has no config.json")
     if path.is_file():
         try:
-            hf = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path} is not valid JSON ({err})") from None
+            hf = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise UserError(f"cannot read {path} as JSON ({err})") from None
         return str(source), encoder_config_from_hf(hf)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise UserError(f"model path {name} does not exist")

@@ -76,6 +76,8 @@ def plot_run(directory: str | Path, path: str | Path | None = None) -> Path:
         fig.savefig(target, dpi=120)
     except OSError as err:
         raise UserError(f"cannot write {target} ({err.strerror})") from None
+    except ValueError as err:  # matplotlib: an image format it does not know
+        raise UserError(f"cannot write {target}: {err}") from None
     finally:
         plt.close(fig)
     return target

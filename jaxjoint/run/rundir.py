@@ -56,6 +56,9 @@ def read_pairs(path: Path) -> tuple[list[Record], int]:
         data = path.read_bytes()
     except FileNotFoundError:
         return [], 0
+    except OSError as err:
+        raise UserError(f"cannot read {path} ({err.strerror}); the finished pairs there are not lost: "
+                        "fix the disk and run the same command again") from None
     end = data.rfind(b"\n") + 1
     records = []
     for number, line in enumerate(data[:end].splitlines(), 1):
@@ -223,6 +226,8 @@ class RunDir:
         except (OSError, yaml.YAMLError) as err:
             raise UserError(f"cannot read {stored_path} ({type(err).__name__}); "
                             "choose a new --out directory") from None
+        if not isinstance(stored, dict):
+            raise UserError(f"{stored_path} is not a jaxjoint run's config; choose a new --out directory")
         theirs, ours = result_settings(stored), result_settings(config.to_dict())
         changed = [k for k in (*ours, *theirs) if theirs.get(k) != ours.get(k)]
         if changed:
