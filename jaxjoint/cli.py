@@ -24,6 +24,7 @@ from typing import NoReturn
 from jaxjoint.config import (
     EvalConfig,
     LaunchOptions,
+    PairOptions,
     PlanOptions,
     add_arguments,
     check_ag_flags,
@@ -116,12 +117,11 @@ def _run_pair(args: argparse.Namespace) -> int:
     from jaxjoint.models.mlm import load_mlm
     from jaxjoint.sharding import local_mesh
 
-    if args.top_k < 1:
-        raise UserError(f"--top-k must be >= 1, got {args.top_k}")
+    options = resolve_options(PairOptions, vars(args))
     config = _config(args)
     use_cpu_when_no_accelerator()
     mlm = load_mlm(model_source(config.model), dtype=config.dtype)
-    explanation = explain_text(mlm, args.text, args.positions, methods=config.methods, top_k=args.top_k,
+    explanation = explain_text(mlm, args.text, args.positions, methods=config.methods, top_k=options.top_k,
                                ag_options=config.ag_options(), mesh=local_mesh(config.devices),
                                chunk_size=config.chunk_size)
     print(format_explanation(explanation, mlm.tokenizer))
@@ -166,6 +166,11 @@ def _run_plot(args: argparse.Namespace) -> int:
 # --- main ------------------------------------------------------------------------------------
 
 
+def _config_flag(parser: argparse.ArgumentParser, used: str = "keys as in configs/*.yaml") -> None:
+    """``--config FILE``: a run's settings as YAML, below the flags given with it."""
+    parser.add_argument("--config", metavar="FILE", help=f"YAML config file ({used})")
+
+
 def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     """The ``jaxjoint`` argument parser with all subcommands.
 
@@ -178,7 +183,7 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="score joint constructions on a data set (resumable)",
                         description="Derive each method's joint for one masked pair per sentence and score it "
                         "against the MLM's conditionals; rerun with the same --out to resume.", epilog=EPILOG)
-    ev.add_argument("--config", metavar="FILE", help="YAML config file (keys as in configs/*.yaml)")
+    _config_flag(ev)
     add_arguments(ev, EvalConfig, "evaluate")
     add_arguments(ev, LaunchOptions, "evaluate")
     ev.add_argument("--quiet", action="store_true", help="no progress bar, no table on stdout")
@@ -191,8 +196,8 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     pr.add_argument("text", metavar="TEXT")
     pr.add_argument("--positions", type=int, nargs=2, metavar=("I", "J"),
                     help="token positions A and B (residue numbers for a protein)")
-    pr.add_argument("--top-k", type=int, default=10, metavar="K", help="pairs to list per method (default 10)")
-    pr.add_argument("--config", metavar="FILE", help="YAML config file (keys as in configs/*.yaml)")
+    _config_flag(pr)
+    add_arguments(pr, PairOptions, "pair")
     add_arguments(pr, EvalConfig, "pair")
     pr.set_defaults(func=_run_pair)
 
@@ -201,7 +206,7 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
                         "report per device: peak memory against the device's, the largest chunk that fits, FLOPs "
                         "per pair, and an estimated (not measured) time per pair from a roofline. Exit status 1 "
                         "when a pair does not fit.", epilog=EPILOG)
-    pn.add_argument("--config", metavar="FILE", help="YAML config file: its model, methods, dtype and AG options")
+    _config_flag(pn, "its model, methods, dtype and AG options")
     add_arguments(pn, PlanOptions, "plan")
     add_arguments(pn, EvalConfig, "plan")
     pn.set_defaults(func=_run_plan)

@@ -146,6 +146,13 @@ class PlanOptions:
                               commands=("plan",))
 
 
+@dataclasses.dataclass(frozen=True)
+class PairOptions:
+    """What ``jaxjoint pair`` asks beyond the run's config (``jaxjoint.explain.explain_text``)."""
+
+    top_k: int = option(10, "pairs to list per method", kind="int", minimum=1, metavar="K", commands=("pair",))
+
+
 FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
 KEYS = tuple(FIELDS)
 

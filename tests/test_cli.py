@@ -277,7 +277,7 @@ def test_pair_with_masks(sharp_ckpt, capsys):
     (["the cat sat", "--positions", "0", "2"], r"position 0 is the special token \[CLS\]"),
     (["the cat sat", "--positions", "1", "9"], "position 9 is outside the 5 tokens"),
     (["the cat sat", "--positions", "1", "1"], "must differ"),
-    (["the cat sat", "--top-k", "0"], "--top-k must be >= 1"),
+    (["the cat sat", "--top-k", "0"], "top_k must be >= 1, got 0"),
 ])
 def test_pair_errors(sharp_ckpt, capsys, args, message):
     assert main(["pair", *args, "--model", str(sharp_ckpt)]) == 2
