@@ -364,7 +364,7 @@ def _modernbert_hf_config(c: ModernBertEncoderConfig) -> dict[str, Any]:
         "norm_bias": c.norm_bias,
         "attention_bias": c.attention_bias,
         "mlp_bias": c.mlp_bias,
-        "classifier_bias": c.head_bias,
+        "classifier_bias": c.head_transform_bias,
         "decoder_bias": c.decoder_bias,
     }
 

@@ -85,7 +85,7 @@ class ModernBertEncoderConfig(EncoderConfig):
     norm_bias: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
-    head_bias: bool = False  # classifier_bias: the head's dense layer
+    head_transform_bias: bool = False  # classifier_bias: the bias of the head's dense layer
     decoder_bias: bool = True
 
     def __post_init__(self) -> None:
@@ -255,7 +255,7 @@ def _modernbert_config(hf: dict[str, Any]) -> ModernBertEncoderConfig:
         norm_bias=hf.get("norm_bias", False),
         attention_bias=hf.get("attention_bias", False),
         mlp_bias=hf.get("mlp_bias", False),
-        head_bias=hf.get("classifier_bias", False),
+        head_transform_bias=hf.get("classifier_bias", False),
         decoder_bias=hf.get("decoder_bias", True),
     )
 

@@ -100,7 +100,7 @@ class ModernBertMaskedLM(nn.Module):
         # Flax names these layers_0, layers_1, ...
         self.layers = [ModernBertLayer(c, i, self.dtype) for i in range(c.num_layers)]
         self.final_norm = LayerNorm(c.layer_norm_eps, self.dtype, c.norm_bias)
-        self.head_transform = Dense(c.hidden_size, c.head_bias, self.dtype)
+        self.head_transform = Dense(c.hidden_size, c.head_transform_bias, self.dtype)
         self.head_norm = LayerNorm(c.layer_norm_eps, self.dtype, c.norm_bias)
         if c.decoder_bias:
             self.head_bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
