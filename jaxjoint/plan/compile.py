@@ -48,7 +48,7 @@ class ProgramCost:
     e.g. the TPU compiler's RESOURCE_EXHAUSTED over HBM; ``temp_bytes`` then holds
     the temporaries it said it needs, 0 if it did not say). flops and bytes_accessed:
     XLA's HLO cost analysis (loop bodies once); optimal_seconds: the TPU compiler's
-    own time estimate (None elsewhere).
+    own time estimate (None elsewhere, and where it gave none above zero).
     """
 
     name: str
@@ -137,10 +137,13 @@ def compile_program(name: str, lower: Callable[[], jax.stages.Lowered]
     temps, alias = memory.temp_size_in_bytes, memory.alias_size_in_bytes
     peak = getattr(memory, "peak_memory_in_bytes", 0) or (arguments + outputs + temps - alias)
     cost = xla_cost(compiled)
+    optimal = cost.get("optimal_seconds")
+    if optimal is not None and optimal <= 0:
+        optimal = None  # libtpu 0.0.42 answers negative times for some programs: no estimate
     return ProgramCost(
         name, argument_bytes=arguments, output_bytes=outputs, temp_bytes=temps, alias_bytes=alias,
         peak_bytes=max(peak, arguments + outputs + temps - alias), flops=cost.get("flops"),
-        bytes_accessed=cost.get("bytes accessed"), optimal_seconds=cost.get("optimal_seconds"),
+        bytes_accessed=cost.get("bytes accessed"), optimal_seconds=optimal,
         compile_seconds=seconds), compiled
 
 

@@ -133,7 +133,7 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     # Parameters are read once per chunk step, the table written once.
     tables_bytes = 2 * n_chunks * params + 2 * table_bytes
     xla_seconds = None
-    if tables.optimal_seconds and tables.optimal_seconds > 0 and both.optimal_seconds and both.optimal_seconds > 0:
+    if tables.optimal_seconds and both.optimal_seconds:
         xla_seconds = 2 * n_chunks * tables.optimal_seconds + both.optimal_seconds
     estimate = roofline(
         target.chip, dtype, executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,

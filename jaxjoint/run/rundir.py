@@ -28,6 +28,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -195,7 +196,13 @@ class RunDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 256).decode("utf-8", "replace").strip() or "a process that just started"
+            holder = ""
+            for _ in range(20):  # the holder writes its host and pid just after it locks
+                holder = os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
+                if holder:
+                    break
+                time.sleep(0.025)
+            holder = holder or "a process that just started"
             os.close(fd)
             raise UserError(f"{self.path} is in use by another jaxjoint run ({holder}); wait for it to finish, "
                             "or give another --out") from None
