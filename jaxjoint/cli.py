@@ -238,8 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UserError as err:
         print(f"jaxjoint: error: {' '.join(str(err).split())}", file=sys.stderr)
         if isinstance(err, distributed.ProcessFailure) or distributed.is_initialized():
-            # A normal exit waits in the runtime's shutdown handshake for processes that
-            # may be waiting for this one (process 0's write failure is its alone).
+            # A normal exit would wait in the runtime's shutdown handshake for every
+            # process, including any that stopped before reaching it.
             distributed.exit_now(2)
         return 2
     except KeyboardInterrupt:
