@@ -141,7 +141,8 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
     cell = block_cell("ag")
 
     def local(fa, fb, norm_b, log_pa, norm_a, log_pb, max_steps, tol):
-        # One local table more than the inputs, so each iteration reads one table.
+        # One local table more than the inputs, so each iteration reads one table. (XLA's CPU
+        # backend holds a second table-sized temporary here; plans read the real peak per target.)
         table = invariant_table(fa, fb, norm_a, norm_b)
 
         def step(state):
