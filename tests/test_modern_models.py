@@ -2,7 +2,6 @@
 their loading rules, configs and errors."""
 
 import json
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -11,7 +10,12 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 from jaxjoint import UserError, load_mlm
-from jaxjoint.models.config import EsmEncoderConfig, ModernBertEncoderConfig, encoder_config_from_hf
+from jaxjoint.models.config import (
+    HUB_CONFIG_DIR,
+    EsmEncoderConfig,
+    ModernBertEncoderConfig,
+    encoder_config_from_hf,
+)
 from jaxjoint.models.families import init_params
 from tests.hf_fixtures import torch_logits, torch_model
 from tests.modern_fixtures import (
@@ -24,8 +28,6 @@ from tests.modern_fixtures import (
     modernbert_config,
     padded_batch,
 )
-
-HUB_CONFIGS = Path(__file__).parents[1] / "jaxjoint" / "models" / "hub_configs"
 
 VARIANTS = {
     # Three layers, a global one then two local ones with windows of 4 either side
@@ -210,7 +212,7 @@ PUBLISHED_SIZES = {
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_SIZES))
 def test_hub_configs_load_and_have_the_published_size(name):
-    config = encoder_config_from_hf(json.loads((HUB_CONFIGS / f"{name}.json").read_text()))
+    config = encoder_config_from_hf(json.loads((HUB_CONFIG_DIR / f"{name}.json").read_text()))
     tree = jax.eval_shape(lambda: init_params(config, jax.random.PRNGKey(0)))
     count = sum(leaf.size for leaf in jax.tree_util.tree_leaves(tree))
     size, tolerance = PUBLISHED_SIZES[name]
@@ -224,7 +226,7 @@ def test_hub_configs_load_and_have_the_published_size(name):
 
 
 def test_hub_config_files_are_the_listed_ones():
-    assert sorted(p.stem for p in HUB_CONFIGS.glob("*.json")) == sorted(PUBLISHED_SIZES)
+    assert sorted(p.stem for p in HUB_CONFIG_DIR.glob("*.json")) == sorted(PUBLISHED_SIZES)
 
 
 def test_transformers_5_and_hub_spellings_of_modernbert_agree():

@@ -6,7 +6,6 @@ import math
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -376,9 +375,9 @@ def test_benchmark_shapes_include_the_hub_configs(tmp_path):
     checkpoint of ESM-2 8M (real size, random weights) runs in jaxjoint as in PyTorch."""
     from benchmarks.common import SHAPES, model_shape
     from benchmarks.end_to_end import checkpoint, sentence
+    from jaxjoint.models.config import HUB_CONFIG_DIR
 
-    hub = Path(__file__).parents[1] / "jaxjoint" / "models" / "hub_configs"
-    assert {p.stem.split("--")[1] for p in hub.glob("*--*.json")} <= set(SHAPES)
+    assert {p.stem.split("--")[1] for p in HUB_CONFIG_DIR.glob("*--*.json")} <= set(SHAPES)
     assert model_shape("ModernBERT-base").num_layers == 22 and model_shape("esm2_t33_650M_UR50D").hidden_size == 1280
     directory = checkpoint("esm2_t6_8M_UR50D", None, tmp_path / "esm")
     mlm = load_mlm(directory)
