@@ -120,7 +120,7 @@ def _run_pair(args: argparse.Namespace) -> int:
     options = resolve_options(PairOptions, vars(args))
     config = _config(args)
     use_cpu_when_no_accelerator()
-    mlm = load_mlm(model_source(config.model), dtype=config.dtype)
+    mlm = load_mlm(model_source(config.model), dtype=config.dtype, matmul_precision=config.matmul_precision)
     explanation = explain_text(mlm, args.text, args.positions, methods=config.methods, top_k=options.top_k,
                                ag_options=config.ag_options(), mesh=local_mesh(config.devices),
                                chunk_size=config.chunk_size)
@@ -142,6 +142,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     from jaxjoint.plan import format_plan, make_plan, write_json
 
     report = make_plan(options.target, model_source(config.model), lengths=options.length, dtype=config.dtype,
+                       matmul_precision=config.matmul_precision,
                        methods=config.methods, ag_options=config.ag_options(), prefetch=options.prefetch,
                        max_chunk=options.max_chunk, suggest=not options.no_suggest)
     print(format_plan(report))

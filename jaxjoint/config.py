@@ -35,6 +35,7 @@ from jaxjoint.data import EMBEDDED_SAMPLE, MASKINGS, default_limit, is_data_name
 from jaxjoint.errors import UserError
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
 from jaxjoint.models.mlm import DTYPES
+from jaxjoint.models.precision import MODES as MATMUL_PRECISIONS
 from jaxjoint.plan.planner import DEFAULT_LENGTHS
 from jaxjoint.tables import MAX_CHUNK, PREFETCH
 
@@ -89,6 +90,10 @@ class EvalConfig:
                                metavar="N")
     dtype: str = option("float32", "compute dtype of the forward passes: float32 or bfloat16", kind="choice",
                         choices=tuple(DTYPES), metavar="DTYPE", result=True)
+    matmul_precision: str | None = option(
+        None, "arithmetic of the float32 matrix products: float32 (the paper's, on every backend; the default), "
+        "tensorfloat32 or bfloat16 (faster on GPUs and TPUs; README, Precision); bfloat16 with --dtype bfloat16",
+        kind="choice", choices=MATMUL_PRECISIONS, metavar="MODE", result=True)
     chunk_size: int | None = option(None, "sequences per device per step (default: from the device's memory)",
                                     kind="int", minimum=1, metavar="N", commands=("evaluate", "pair"))
     devices: int | None = option(None, "use the first N local devices (default all); in global mode, of each "
@@ -235,6 +240,11 @@ def resolve_config(*layers: Mapping[str, Any]) -> EvalConfig:
             if value is not None:
                 merged[key] = value
     config = EvalConfig(**{key: check_value(key, value) for key, value in merged.items()})
+    precision = matmul_precision_of(config.to_dict())
+    if config.dtype == "bfloat16" and precision != "bfloat16":
+        raise UserError(f"matmul precision {precision} needs dtype float32: with dtype bfloat16 every product "
+                        "has bfloat16 operands and takes one bfloat16 pass")
+    config = dataclasses.replace(config, matmul_precision=precision)
     if config.max_sentences is None:
         config = dataclasses.replace(config, max_sentences=default_limit(config.data))
     if config.out is None:
@@ -267,10 +277,18 @@ def ag_options(values: Mapping[str, Any]) -> dict[str, Any]:
     return {"tol": values["ag_tol"], "max_iters": values.get("ag_max_iters", values.get("ag_iters"))}
 
 
+def matmul_precision_of(values: Mapping[str, Any]) -> str:
+    """The matmul precision of config values: as given, else ``bfloat16`` with dtype
+    bfloat16 and ``float32`` otherwise (also for a ``config.yaml`` written before the
+    key existed, whose runs computed float32 on the CPU, the only backend they ran on)."""
+    return values.get("matmul_precision") or ("bfloat16" if values.get("dtype") == "bfloat16" else "float32")
+
+
 def result_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     """What a run's records depend on, from config values as in ``ag_options``:
     the fields marked ``result`` and, when AG is among the methods, its options."""
     settings = {key: values.get(key) for key, f in FIELDS.items() if f.metadata["result"]}
+    settings["matmul_precision"] = matmul_precision_of(values)
     if "ag" in (values.get("methods") or ()):
         settings["ag"] = ag_options(values)
     return settings

@@ -28,6 +28,7 @@ from jaxjoint.errors import UserError
 from jaxjoint.models.checkpoint import Params
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import MaskedLM, mlm_logits
+from jaxjoint.models.precision import platform_of
 from jaxjoint.sharding import VOCAB_AXIS, local_mesh, mesh_size, padded_size, replicated, row_sharding
 
 
@@ -188,7 +189,7 @@ def default_chunk_size(config: EncoderConfig, length: int, dtype: str, budget_by
 
 
 def planned_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *,
-                       prefetch: int = PREFETCH) -> int:
+                       prefetch: int = PREFETCH, matmul_precision: str = "float32") -> int:
     """``chunk_size=None``'s choice for sentences padded to ``length`` on ``mesh``.
 
     On devices that report their memory (GPU, TPU): the largest chunk whose
@@ -203,16 +204,17 @@ def planned_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: st
     limit = mesh_memory_limit(mesh)
     if limit is None:
         return default_chunk_size(config, length, dtype, DEFAULT_CPU_BUDGET_BYTES)
-    return _compiled_chunk_size(mesh, config, length, dtype, prefetch, limit)
+    return _compiled_chunk_size(mesh, config, length, dtype, matmul_precision, prefetch, limit)
 
 
 @functools.cache
-def _compiled_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, prefetch: int,
-                         limit: int) -> int:
+def _compiled_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, matmul_precision: str,
+                         prefetch: int, limit: int) -> int:
     # jaxjoint.plan compiles this module's programs: imported here, where it is needed.
     from jaxjoint.plan.fit import run_chunk
 
-    choice = run_chunk(mesh, config, length, dtype, usable_bytes=limit, prefetch=prefetch)
+    choice = run_chunk(mesh, config, length, dtype, usable_bytes=limit, prefetch=prefetch,
+                       matmul_precision=matmul_precision)
     if choice is None:
         raise UserError(
             f"a pair's tables at {length} tokens do not fit the {limit / 2**30:.2f} GiB of each of "
@@ -379,21 +381,23 @@ def _dispatch(mlm: MaskedLM, prep: _Padded, *, mesh: Mesh | None, chunk_size: in
     vocab = mlm.vocab_size
     rows = padded_size(vocab, mesh)
     if chunk_size is None:
-        chunk_size = planned_chunk_size(mesh, mlm.config, prep.input_ids.shape[0], model.dtype, prefetch=prefetch)
+        chunk_size = planned_chunk_size(mesh, mlm.config, prep.input_ids.shape[0], model.dtype, prefetch=prefetch,
+                                        matmul_precision=model.matmul_precision)
     n_chunks, chunk = chunking(rows // mesh_size(mesh), chunk_size)
 
+    module = model.module_for(platform_of(mesh.devices.flat[0]))
     params = mlm.params_on(replicated(mesh))
     ids = jnp.asarray(prep.input_ids)
     mask = jnp.asarray(prep.attention_mask)
     mask_id = jnp.int32(mlm.mask_token_id)
     a, b = jnp.int32(prep.a), jnp.int32(prep.b)
     run = functools.partial(
-        substitution_table, model.module, params, ids, mask,
+        substitution_table, module, params, ids, mask,
         mesh=mesh, n_chunks=n_chunks, chunk=chunk, rows=rows)
     rows_b = run(a, b, mask_id)  # [b_val, a_val]: A masked, B substituted, read at A
     logits_b = run(b, a, mask_id)  # [a_val, b_val]: B masked, A substituted, read at B
     both = mlm_logits(
-        model.module, params,
+        module, params,
         ids.at[prep.a].set(mask_id).at[prep.b].set(mask_id)[None], mask[None],
         jnp.array([[prep.a, prep.b]], jnp.int32))[0]
     return assemble_tables(rows_b, logits_b, both[0], both[1], mesh=mesh, vocab=vocab)

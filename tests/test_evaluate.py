@@ -171,16 +171,20 @@ def test_other_config_for_existing_out_is_refused(sharp_ckpt, data_file, full_ru
         evaluate(run_config(sharp_ckpt, data_file, out, ag_iters=5), quiet=True)
     with pytest.raises(UserError, match=r"ag: \{'iters': 40\} there, \{'tol': 0.001, 'max_iters': 10000\} now"):
         evaluate(run_config(sharp_ckpt, data_file, out, ag_tol=1e-3), quiet=True)
+    with pytest.raises(UserError, match="matmul_precision: 'float32' there, 'tensorfloat32' now"):
+        evaluate(run_config(sharp_ckpt, data_file, out, matmul_precision="tensorfloat32"), quiet=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_settings_that_do_not_change_the_records_may_change(full_run, sharp_ckpt, data_file, tmp_path):
     """A cap that a fixed count never reaches, in a config.yaml written before the
-    key existed or with another value now, does not block a resume."""
+    key existed or with another value now, does not block a resume; nor does a
+    config.yaml from before matmul_precision existed (its runs computed float32)."""
     out = tmp_path / "run"
     shutil.copytree(full_run[0], out)
     stored = yaml.safe_load((out / "config.yaml").read_text())
-    del stored["ag_max_iters"]
+    assert stored["matmul_precision"] == "float32"
+    del stored["ag_max_iters"], stored["matmul_precision"]
     (out / "config.yaml").write_text(yaml.safe_dump(stored))
     lines = read_lines(out)
     summary = evaluate(run_config(sharp_ckpt, data_file, out, ag_max_iters=7), quiet=True)

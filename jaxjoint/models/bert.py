@@ -9,9 +9,10 @@ One post-LayerNorm Transformer encoder serves BERT, RoBERTa (and XLM-RoBERTa), D
 ELECTRA generator; ``checkpoint.py`` maps each family's PyTorch key names onto
 this module's parameter tree.
 
-Precision: ``dtype`` is the compute dtype of the matrix products. LayerNorm
-statistics, the attention softmax and the output logits are always float32;
-parameters are stored as given (float32 unless the caller casts them).
+Precision: ``dtype`` is the compute dtype of the matrix products, ``precision``
+their arithmetic (``jaxjoint.models.precision``). LayerNorm statistics, the
+attention softmax and the output logits are always float32; parameters are stored
+as given (float32 unless the caller casts them).
 """
 
 from __future__ import annotations
@@ -24,18 +25,16 @@ import jax
 import jax.numpy as jnp
 
 from jaxjoint.models.config import EncoderConfig
-from jaxjoint.models.layers import ACTIVATIONS, INIT, LayerNorm
+from jaxjoint.models.layers import ACTIVATIONS, INIT, Dense, LayerNorm
+from jaxjoint.models.precision import MatmulPrecision
 
 Dtype = Any
-
-
-def _dense(features: int, dtype: Dtype, name: str | None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=INIT, name=name)
 
 
 class SelfAttention(nn.Module):
     config: EncoderConfig
     dtype: Dtype
+    precision: MatmulPrecision
 
     @nn.compact
     def __call__(self, x: jax.Array, keys: jax.Array, bias: jax.Array) -> jax.Array:
@@ -45,19 +44,21 @@ class SelfAttention(nn.Module):
 
         def heads(name: str, rows: jax.Array) -> jax.Array:
             b, n, _ = rows.shape
-            return _dense(c.hidden_size, self.dtype, name)(rows).reshape(b, n, c.num_heads, c.head_dim)
+            return Dense(c.hidden_size, True, self.dtype, self.precision, name=name)(rows).reshape(
+                b, n, c.num_heads, c.head_dim)
 
         q, k, v = heads("query", x), heads("key", keys), heads("value", keys)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        scores = self.precision.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         scores = scores / math.sqrt(c.head_dim) + bias
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:2], c.hidden_size)
-        return _dense(c.hidden_size, self.dtype, "out")(ctx)
+        ctx = self.precision.einsum("bhqk,bkhd->bqhd", probs, v).reshape(*x.shape[:2], c.hidden_size)
+        return Dense(c.hidden_size, True, self.dtype, self.precision, name="out")(ctx)
 
 
 class EncoderLayer(nn.Module):
     config: EncoderConfig
     dtype: Dtype
+    precision: MatmulPrecision
 
     @nn.compact
     def __call__(self, x: jax.Array, bias: jax.Array, positions: jax.Array | None = None) -> jax.Array:
@@ -69,14 +70,13 @@ class EncoderLayer(nn.Module):
         """
         c = self.config
         act = ACTIVATIONS[c.hidden_act]
+        dense = lambda features, name: Dense(features, True, self.dtype, self.precision, name=name)  # noqa: E731
         queries = x if positions is None else jnp.take_along_axis(x, positions[:, :, None], axis=1)
         x = LayerNorm(c.layer_norm_eps, self.dtype, name="attention_norm")(
-            queries + SelfAttention(c, self.dtype, name="attention")(queries, x, bias)
+            queries + SelfAttention(c, self.dtype, self.precision, name="attention")(queries, x, bias)
         )
-        h = act(_dense(c.intermediate_size, self.dtype, "mlp_in")(x))
-        return LayerNorm(c.layer_norm_eps, self.dtype, name="mlp_norm")(
-            x + _dense(c.hidden_size, self.dtype, "mlp_out")(h)
-        )
+        h = act(dense(c.intermediate_size, "mlp_in")(x))
+        return LayerNorm(c.layer_norm_eps, self.dtype, name="mlp_norm")(x + dense(c.hidden_size, "mlp_out")(h))
 
 
 def position_ids(config: EncoderConfig, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -93,6 +93,7 @@ class MaskedLMModule(nn.Module):
 
     config: EncoderConfig
     dtype: Dtype = jnp.float32
+    precision: MatmulPrecision = MatmulPrecision()
 
     def setup(self) -> None:
         c = self.config
@@ -102,10 +103,10 @@ class MaskedLMModule(nn.Module):
             self.token_type_embeddings = nn.Embed(c.type_vocab_size, c.embedding_size, embedding_init=INIT)
         self.embeddings_norm = LayerNorm(c.layer_norm_eps, self.dtype)
         if c.embedding_size != c.hidden_size:
-            self.embeddings_project = _dense(c.hidden_size, self.dtype, None)
+            self.embeddings_project = Dense(c.hidden_size, True, self.dtype, self.precision)
         # Flax names these layers_0, layers_1, ...
-        self.layers = [EncoderLayer(c, self.dtype) for _ in range(c.num_layers)]
-        self.head_transform = _dense(c.embedding_size, self.dtype, None)
+        self.layers = [EncoderLayer(c, self.dtype, self.precision) for _ in range(c.num_layers)]
+        self.head_transform = Dense(c.embedding_size, True, self.dtype, self.precision)
         self.head_norm = LayerNorm(c.layer_norm_eps, self.dtype)
         self.head_bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
         if not c.tie_word_embeddings:
@@ -146,9 +147,8 @@ class MaskedLMModule(nn.Module):
         decoder = (
             self.word_embeddings.embedding if self.config.tie_word_embeddings else self.head_decoder
         )
-        logits = jnp.einsum(
-            "...e,ve->...v", h, decoder.astype(self.dtype), preferred_element_type=jnp.float32
-        )
+        logits = self.precision.einsum("...e,ve->...v", h, decoder.astype(self.dtype),
+                                       preferred_element_type=jnp.float32)
         return logits + self.head_bias
 
     def __call__(

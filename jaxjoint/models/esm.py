@@ -31,6 +31,7 @@ from jaxjoint.models import rotary
 from jaxjoint.models.bert import position_ids
 from jaxjoint.models.config import EsmEncoderConfig
 from jaxjoint.models.layers import ACTIVATIONS, INIT, Dense, LayerNorm, attend, attention_bias, gather_rows
+from jaxjoint.models.precision import MatmulPrecision
 
 Dtype = Any
 # The fraction of tokens masked in every ESM training run (15% selected, 80% of those masked).
@@ -41,6 +42,7 @@ _gelu = ACTIVATIONS["gelu"]
 class EsmAttention(nn.Module):
     config: EsmEncoderConfig
     dtype: Dtype
+    precision: MatmulPrecision
 
     @nn.compact
     def __call__(
@@ -52,7 +54,7 @@ class EsmAttention(nn.Module):
         batch, length, _ = h.shape
 
         def heads(name: str, rows: jax.Array) -> jax.Array:
-            return Dense(c.hidden_size, True, self.dtype, name=name)(rows).reshape(
+            return Dense(c.hidden_size, True, self.dtype, self.precision, name=name)(rows).reshape(
                 batch, rows.shape[1], c.num_heads, c.head_dim)
 
         queries = h if positions is None else gather_rows(h, positions)
@@ -62,13 +64,14 @@ class EsmAttention(nn.Module):
             key_pos = jnp.arange(length)
             q = rotary.rotate(q, key_pos if positions is None else positions, inv_freq)
             k = rotary.rotate(k, key_pos, inv_freq)
-        ctx = attend(q, k, v, attention_bias(key_valid), 1.0, self.dtype)
-        return Dense(c.hidden_size, True, self.dtype, name="out")(ctx)
+        ctx = attend(q, k, v, attention_bias(key_valid), 1.0, self.dtype, self.precision)
+        return Dense(c.hidden_size, True, self.dtype, self.precision, name="out")(ctx)
 
 
 class EsmLayer(nn.Module):
     config: EsmEncoderConfig
     dtype: Dtype
+    precision: MatmulPrecision
 
     @nn.compact
     def __call__(
@@ -79,10 +82,11 @@ class EsmLayer(nn.Module):
         c = self.config
         norm = lambda name: LayerNorm(c.layer_norm_eps, self.dtype, name=name)  # noqa: E731
         residual = x if positions is None else gather_rows(x, positions)
-        x = residual + EsmAttention(c, self.dtype, name="attention")(
+        dense = lambda features, name: Dense(features, True, self.dtype, self.precision, name=name)  # noqa: E731
+        x = residual + EsmAttention(c, self.dtype, self.precision, name="attention")(
             norm("attention_norm")(x), key_valid, positions, inv_freq)
-        h = _gelu(Dense(c.intermediate_size, True, self.dtype, name="mlp_in")(norm("mlp_norm")(x)))
-        return x + Dense(c.hidden_size, True, self.dtype, name="mlp_out")(h)
+        h = _gelu(dense(c.intermediate_size, "mlp_in")(norm("mlp_norm")(x)))
+        return x + dense(c.hidden_size, "mlp_out")(h)
 
 
 class EsmMaskedLM(nn.Module):
@@ -90,6 +94,7 @@ class EsmMaskedLM(nn.Module):
 
     config: EsmEncoderConfig
     dtype: Dtype = jnp.float32
+    precision: MatmulPrecision = MatmulPrecision()
 
     def setup(self) -> None:
         c = self.config
@@ -103,9 +108,9 @@ class EsmMaskedLM(nn.Module):
         if c.emb_layer_norm_before:
             self.embeddings_norm = LayerNorm(c.layer_norm_eps, jnp.float32)
         # Flax names these layers_0, layers_1, ...
-        self.layers = [EsmLayer(c, self.dtype) for _ in range(c.num_layers)]
+        self.layers = [EsmLayer(c, self.dtype, self.precision) for _ in range(c.num_layers)]
         self.final_norm = LayerNorm(c.layer_norm_eps, self.dtype)
-        self.head_transform = Dense(c.hidden_size, True, self.dtype)
+        self.head_transform = Dense(c.hidden_size, True, self.dtype, self.precision)
         self.head_norm = LayerNorm(c.layer_norm_eps, self.dtype)
         self.head_bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
         if not c.tie_word_embeddings:
@@ -142,7 +147,8 @@ class EsmMaskedLM(nn.Module):
         """hidden: [..., H] -> float32[..., V] logits."""
         h = self.head_norm(_gelu(self.head_transform(hidden)))
         decoder = self.word_embeddings.embedding if self.config.tie_word_embeddings else self.head_decoder
-        logits = jnp.einsum("...e,ve->...v", h, decoder.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = self.precision.einsum("...e,ve->...v", h, decoder.astype(self.dtype),
+                                       preferred_element_type=jnp.float32)
         return logits + self.head_bias
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array) -> jax.Array:

@@ -16,6 +16,7 @@ from jaxjoint.models.bert import MaskedLMModule
 from jaxjoint.models.config import SUPPORTED_MODEL_TYPES, EncoderConfig, family_of
 from jaxjoint.models.esm import EsmMaskedLM
 from jaxjoint.models.modernbert import ModernBertMaskedLM
+from jaxjoint.models.precision import MatmulPrecision
 
 MODULES: dict[str, type[nn.Module]] = {
     "bert": MaskedLMModule,
@@ -28,9 +29,12 @@ MODULES: dict[str, type[nn.Module]] = {
 assert set(MODULES) == {family_of(t) for t in SUPPORTED_MODEL_TYPES}
 
 
-def masked_lm_module(config: EncoderConfig, dtype: Any = jnp.float32) -> nn.Module:
-    """The Flax module of ``config.family`` computing in ``dtype``."""
-    return MODULES[config.family](config, dtype=dtype)
+def masked_lm_module(config: EncoderConfig, dtype: Any = jnp.float32,
+                     precision: MatmulPrecision | None = None) -> nn.Module:
+    """The Flax module of ``config.family`` computing in ``dtype``, its matrix
+    products in ``precision``'s arithmetic (default: float32 as the CPU computes it,
+    which a GPU or TPU computes with its exact float32 algorithm)."""
+    return MODULES[config.family](config, dtype=dtype, precision=precision or MatmulPrecision())
 
 
 def init_params(config: EncoderConfig, key: jax.Array) -> Any:

@@ -3,7 +3,7 @@ output columns can be computed in part, activations, and masked attention.
 
 Precision: LayerNorm statistics and the attention softmax are float32 whatever
 the compute dtype; parameters are float32 and cast to the compute dtype for the
-matrix products.
+matrix products, each computed in the arithmetic a ``MatmulPrecision`` names.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxjoint.models.precision import MatmulPrecision
 
 Dtype = Any
 INIT = nn.initializers.normal(stddev=0.02)  # BERT's initializer range
@@ -53,7 +55,8 @@ class LayerNorm(nn.Module):
 
 
 class Dense(nn.Module):
-    """``x @ kernel + bias`` with float32 parameters and the product in ``dtype``.
+    """``x @ kernel + bias`` with float32 parameters and the product in ``dtype``,
+    in ``precision``'s arithmetic.
 
     ``columns`` computes only that slice of the output features, so a fused
     projection (ModernBERT's Wqkv) can produce its queries for a few rows and its
@@ -63,12 +66,13 @@ class Dense(nn.Module):
     features: int
     use_bias: bool
     dtype: Dtype
+    precision: MatmulPrecision
 
     @nn.compact
     def __call__(self, x: jax.Array, columns: slice = slice(None)) -> jax.Array:
         """x: [..., D] -> [..., F], or [..., |columns|]."""
         kernel = self.param("kernel", INIT, (x.shape[-1], self.features), jnp.float32)
-        y = jnp.dot(x.astype(self.dtype), kernel[:, columns].astype(self.dtype))
+        y = self.precision.dot(x.astype(self.dtype), kernel[:, columns].astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
             y = y + bias[columns].astype(self.dtype)
@@ -95,13 +99,15 @@ def attention_bias(
     return jnp.where(key_valid[:, None, :] & near, 0.0, MASKED)[:, None]
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float, dtype: Dtype) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float, dtype: Dtype,
+           precision: MatmulPrecision) -> jax.Array:
     """Softmax attention. q: [B, Q, heads, D]; k, v: [B, L, heads, D]; bias:
     float32 broadcastable to [B, heads, Q, L]. Scores are ``scale * q.k + bias``
-    in float32; returns the context [B, Q, heads * D] in ``dtype``."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    in float32; returns the context [B, Q, heads * D] in ``dtype``. Both products
+    in ``precision``'s arithmetic."""
+    scores = precision.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores * scale + bias, axis=-1).astype(dtype)
-    ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
+    ctx = precision.einsum("bhqk,bkhd->bqhd", probs, v.astype(dtype))
     return ctx.reshape(*q.shape[:2], -1)
 
 

@@ -17,6 +17,7 @@ from jaxjoint.errors import UserError
 from jaxjoint.models.checkpoint import Params, load_checkpoint
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.families import init_params, masked_lm_module
+from jaxjoint.models.precision import MatmulPrecision, check_mode, platform_of
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -28,21 +29,37 @@ class MaskedLM:
     ``config``: the ``EncoderConfig`` (a family's subclass for ModernBERT and ESM);
     ``params``: the Flax parameter tree (float32);
     ``tokenizer``: the checkpoint's ``transformers`` tokenizer (or None);
-    ``dtype``: compute dtype name, ``"float32"`` or ``"bfloat16"``.
+    ``dtype``: compute dtype name, ``"float32"`` or ``"bfloat16"``;
+    ``matmul_precision``: the arithmetic of float32 matrix products on the backend
+    they run on, ``"float32"``, ``"tensorfloat32"`` or ``"bfloat16"``
+    (``jaxjoint.models.precision``);
+    ``emulate``: a platform (``gpu``, ``tpu``) whose arithmetic for ``matmul_precision``
+    to compute by emulation wherever the model runs (error measurements), or None.
     """
 
     config: EncoderConfig
     params: Params
     tokenizer: Any
     dtype: str = "float32"
+    matmul_precision: str = "float32"
+    emulate: str | None = None
     hf_config: dict = dataclasses.field(default_factory=dict)
     _placed: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def module(self) -> nn.Module:
-        """The family's Flax module computing in ``dtype``: ``__call__(input_ids int[B, L],
-        attention_mask int[B, L], positions int[B, K]) -> float32[B, K, V]``."""
-        return masked_lm_module(self.config, DTYPES[self.dtype])
+        """``module_for`` the default backend's platform."""
+        return self.module_for(platform_of(jax.devices()[0]))
+
+    def module_for(self, platform: str) -> nn.Module:
+        """The family's Flax module computing in ``dtype``, its products in
+        ``matmul_precision``'s arithmetic on ``platform`` (``cpu``, ``gpu``, ``tpu``):
+        ``__call__(input_ids int[B, L], attention_mask int[B, L], positions int[B, K])
+        -> float32[B, K, V]``."""
+        if self.emulate is not None:
+            return masked_lm_module(self.config, DTYPES[self.dtype],
+                                    MatmulPrecision(self.matmul_precision, self.emulate, emulate=True))
+        return masked_lm_module(self.config, DTYPES[self.dtype], MatmulPrecision(self.matmul_precision, platform))
 
     @property
     def vocab_size(self) -> int:
@@ -67,6 +84,11 @@ class MaskedLM:
         """The same model computing in ``dtype`` (parameters are shared, not copied)."""
         _check_dtype(dtype)
         return dataclasses.replace(self, dtype=dtype, _placed=self._placed)
+
+    def with_matmul_precision(self, matmul_precision: str) -> MaskedLM:
+        """The same model with its products in ``matmul_precision`` (parameters shared)."""
+        check_mode(matmul_precision)
+        return dataclasses.replace(self, matmul_precision=matmul_precision, _placed=self._placed)
 
     def logits_at(
         self,
@@ -134,19 +156,25 @@ def _resolve_source(source: str | os.PathLike, *, allow_pickle: bool) -> Path:
         ) from None
 
 
-def load_mlm(source: str | os.PathLike, *, dtype: str = "float32", allow_pickle: bool = False) -> MaskedLM:
+def load_mlm(source: str | os.PathLike, *, dtype: str = "float32", matmul_precision: str = "float32",
+             allow_pickle: bool = False) -> MaskedLM:
     """Load a masked LM (``SUPPORTED_MODEL_TYPES``) from a local HF checkpoint directory or a hub name.
 
     ``source``: a directory with ``config.json``, ``model.safetensors`` (or a sharded
     index) and tokenizer files, or a hub name such as ``"bert-base-cased"``.
     ``dtype``: compute dtype, ``"float32"`` (default) or ``"bfloat16"``; parameters
-    stay float32. ``allow_pickle``: accept ``pytorch_model.bin`` (runs code on load).
+    stay float32. ``matmul_precision``: the arithmetic of float32 products,
+    ``"float32"`` (default: the paper's float32 on every backend), ``"tensorfloat32"``
+    or ``"bfloat16"`` (README, Precision). ``allow_pickle``: accept
+    ``pytorch_model.bin`` (runs code on load).
     """
     _check_dtype(dtype)
+    check_mode(matmul_precision)
     directory = _resolve_source(source, allow_pickle=allow_pickle)
     config, params, hf = load_checkpoint(directory, allow_pickle=allow_pickle)
     params = jax.tree_util.tree_map(jnp.asarray, params)
-    return MaskedLM(config=config, params=params, tokenizer=_load_tokenizer(directory), dtype=dtype, hf_config=hf)
+    return MaskedLM(config=config, params=params, tokenizer=_load_tokenizer(directory), dtype=dtype,
+                    matmul_precision=matmul_precision, hf_config=hf)
 
 
 def _load_tokenizer(directory: Path) -> Any:

@@ -13,7 +13,7 @@ values use every row, its queries (rotated at their own positions, masked with
 their own window) and its feed-forward block only those.
 
 Precision: the residual stream is float32; ``dtype`` is the compute dtype of the
-matrix products. LayerNorm statistics, rotary rotation, the attention softmax and
+matrix products, ``precision`` their arithmetic. LayerNorm statistics, rotary rotation, the attention softmax and
 the logits are float32.
 """
 
@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jaxjoint.models import rotary
 from jaxjoint.models.config import ModernBertEncoderConfig
 from jaxjoint.models.layers import ACTIVATIONS, INIT, Dense, LayerNorm, attend, attention_bias, gather_rows
+from jaxjoint.models.precision import MatmulPrecision
 
 Dtype = Any
 
@@ -36,6 +37,7 @@ class ModernBertAttention(nn.Module):
     config: ModernBertEncoderConfig
     local: bool  # sliding-window layer
     dtype: Dtype
+    precision: MatmulPrecision
 
     @nn.compact
     def __call__(self, h: jax.Array, key_valid: jax.Array, positions: jax.Array | None) -> jax.Array:
@@ -43,7 +45,7 @@ class ModernBertAttention(nn.Module):
         Returns [B, Q, H], Q = K rows at ``positions`` or all L rows."""
         c = self.config
         hidden, heads, d = c.hidden_size, c.num_heads, c.head_dim
-        qkv = Dense(3 * hidden, c.attention_bias, self.dtype, name="qkv")
+        qkv = Dense(3 * hidden, c.attention_bias, self.dtype, self.precision, name="qkv")
         batch, length, _ = h.shape
         key_pos = jnp.arange(length)
         if positions is None:
@@ -58,14 +60,15 @@ class ModernBertAttention(nn.Module):
         k = rotary.rotate(k.reshape(batch, length, heads, d), key_pos, inv_freq)
         v = v.reshape(batch, length, heads, d)
         bias = attention_bias(key_valid, query_pos, c.local_window if self.local else None)
-        ctx = attend(q, k, v, bias, d**-0.5, self.dtype)
-        return Dense(hidden, c.attention_bias, self.dtype, name="out")(ctx)
+        ctx = attend(q, k, v, bias, d**-0.5, self.dtype, self.precision)
+        return Dense(hidden, c.attention_bias, self.dtype, self.precision, name="out")(ctx)
 
 
 class ModernBertLayer(nn.Module):
     config: ModernBertEncoderConfig
     index: int
     dtype: Dtype
+    precision: MatmulPrecision
 
     @nn.compact
     def __call__(self, x: jax.Array, key_valid: jax.Array, positions: jax.Array | None = None) -> jax.Array:
@@ -79,11 +82,11 @@ class ModernBertLayer(nn.Module):
         norm = lambda name: LayerNorm(c.layer_norm_eps, self.dtype, c.norm_bias, name=name)  # noqa: E731
         h = x.astype(self.dtype) if self.index == 0 else norm("attention_norm")(x)
         residual = x if positions is None else gather_rows(x, positions)
-        attention = ModernBertAttention(c, c.local_layers[self.index], self.dtype, name="attention")
+        attention = ModernBertAttention(c, c.local_layers[self.index], self.dtype, self.precision, name="attention")
         x = residual + attention(h, key_valid, positions)
-        gate_in = Dense(2 * c.intermediate_size, c.mlp_bias, self.dtype, name="mlp_in")(norm("mlp_norm")(x))
-        value, gate = jnp.split(gate_in, 2, axis=-1)
-        return x + Dense(c.hidden_size, c.mlp_bias, self.dtype, name="mlp_out")(ACTIVATIONS[c.hidden_act](value) * gate)
+        dense = lambda features, name: Dense(features, c.mlp_bias, self.dtype, self.precision, name=name)  # noqa: E731
+        value, gate = jnp.split(dense(2 * c.intermediate_size, "mlp_in")(norm("mlp_norm")(x)), 2, axis=-1)
+        return x + dense(c.hidden_size, "mlp_out")(ACTIVATIONS[c.hidden_act](value) * gate)
 
 
 class ModernBertMaskedLM(nn.Module):
@@ -91,6 +94,7 @@ class ModernBertMaskedLM(nn.Module):
 
     config: ModernBertEncoderConfig
     dtype: Dtype = jnp.float32
+    precision: MatmulPrecision = MatmulPrecision()
 
     def setup(self) -> None:
         c = self.config
@@ -98,9 +102,9 @@ class ModernBertMaskedLM(nn.Module):
         # Its output starts the float32 residual stream.
         self.embeddings_norm = LayerNorm(c.layer_norm_eps, jnp.float32, c.norm_bias)
         # Flax names these layers_0, layers_1, ...
-        self.layers = [ModernBertLayer(c, i, self.dtype) for i in range(c.num_layers)]
+        self.layers = [ModernBertLayer(c, i, self.dtype, self.precision) for i in range(c.num_layers)]
         self.final_norm = LayerNorm(c.layer_norm_eps, self.dtype, c.norm_bias)
-        self.head_transform = Dense(c.hidden_size, c.head_transform_bias, self.dtype)
+        self.head_transform = Dense(c.hidden_size, c.head_transform_bias, self.dtype, self.precision)
         self.head_norm = LayerNorm(c.layer_norm_eps, self.dtype, c.norm_bias)
         if c.decoder_bias:
             self.head_bias = self.param("head_bias", nn.initializers.zeros, (c.vocab_size,), jnp.float32)
@@ -123,7 +127,8 @@ class ModernBertMaskedLM(nn.Module):
         c = self.config
         h = self.head_norm(ACTIVATIONS[c.head_act](self.head_transform(hidden)))
         decoder = self.word_embeddings.embedding if c.tie_word_embeddings else self.head_decoder
-        logits = jnp.einsum("...e,ve->...v", h, decoder.astype(self.dtype), preferred_element_type=jnp.float32)
+        logits = self.precision.einsum("...e,ve->...v", h, decoder.astype(self.dtype),
+                                       preferred_element_type=jnp.float32)
         return logits + self.head_bias if c.decoder_bias else logits
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, positions: jax.Array) -> jax.Array:

@@ -33,6 +33,7 @@ from jaxjoint.metrics import mlm_unary_nll_array, pair_metric_arrays
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.families import masked_lm_module
 from jaxjoint.models.mlm import DTYPES, mlm_logits
+from jaxjoint.models.precision import MatmulPrecision, platform_of
 from jaxjoint.plan.models import abstract_params
 from jaxjoint.plan.targets import quiet_stderr
 from jaxjoint.sharding import mesh_size, padded_size, replicated, row_sharding
@@ -183,28 +184,39 @@ def abstract_tables(mesh: Mesh, vocab: int) -> PairTables:
 # --- the run's programs ---------------------------------------------------------------
 
 
-def tables_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, n_chunks: int,
-                   chunk: int) -> ProgramCost:
-    """One ``substitution_table`` call (one of the pair's two tables) for sentences
-    padded to ``length``: ``n_chunks`` steps of ``chunk`` sequences per device."""
+def model_module(mesh: Mesh, config: EncoderConfig, dtype: str, matmul_precision: str):
+    """The module a run on ``mesh`` executes: its products in the arithmetic that
+    ``matmul_precision`` asks of ``mesh``'s platform."""
+    precision = MatmulPrecision(matmul_precision, platform_of(mesh.devices.flat[0]))
+    return masked_lm_module(config, DTYPES[dtype], precision)
+
+
+def lower_tables(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, n_chunks: int, chunk: int,
+                 matmul_precision: str = "float32") -> jax.stages.Lowered:
+    """``substitution_table`` lowered for ``mesh`` (abstract inputs): one of the pair's
+    two tables for sentences padded to ``length``, ``n_chunks`` steps of ``chunk``
+    sequences per device."""
     rep = replicated(mesh)
-    module = masked_lm_module(config, DTYPES[dtype])
+    module = model_module(mesh, config, dtype, matmul_precision)
     params = _placed(_params_shapes(config), rep)
     ids = _abstract((length,), jnp.int32, rep)
     scalar = _abstract((), jnp.int32, rep)
-
-    def lower():
-        return substitution_table.lower(
-            module, params, ids, ids, scalar, scalar, scalar, mesh=mesh, n_chunks=n_chunks, chunk=chunk,
-            rows=padded_size(config.vocab_size, mesh))
-
-    return analyse(f"tables (chunk {chunk} x {n_chunks})", lower)
+    return substitution_table.lower(module, params, ids, ids, scalar, scalar, scalar, mesh=mesh, n_chunks=n_chunks,
+                                    chunk=chunk, rows=padded_size(config.vocab_size, mesh))
 
 
-def both_masked_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str) -> ProgramCost:
+def tables_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, n_chunks: int,
+                   chunk: int, matmul_precision: str = "float32") -> ProgramCost:
+    """One ``substitution_table`` call (``lower_tables``), analysed."""
+    return analyse(f"tables (chunk {chunk} x {n_chunks})", lambda: lower_tables(
+        mesh, config, length, dtype, n_chunks=n_chunks, chunk=chunk, matmul_precision=matmul_precision))
+
+
+def both_masked_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *,
+                        matmul_precision: str = "float32") -> ProgramCost:
     """The one pass with both positions masked (logits at two positions)."""
     rep = replicated(mesh)
-    module = masked_lm_module(config, DTYPES[dtype])
+    module = model_module(mesh, config, dtype, matmul_precision)
     params = _placed(_params_shapes(config), rep)
     ids = _abstract((1, length), jnp.int32, rep)
     positions = _abstract((1, 2), jnp.int32, rep)

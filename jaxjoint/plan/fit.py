@@ -40,13 +40,14 @@ def _mesh_key(mesh: Mesh) -> tuple[str, int]:
     return (mesh.devices.flat[0].device_kind, mesh_size(mesh))
 
 
-def tables_cost(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chunk_size: int) -> ProgramCost:
+def tables_cost(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chunk_size: int, *,
+                matmul_precision: str = "float32") -> ProgramCost:
     """The compiled tables program for ``chunk_size`` (cached per device kind, mesh
-    size, model, bucket length, dtype and the chunking it gives)."""
+    size, model, bucket length, dtype, matmul precision and the chunking it gives)."""
     n_chunks, chunk = chunking(programs.local_rows(mesh, config.vocab_size), chunk_size)
-    key = ("tables", _mesh_key(mesh), config, length, dtype, n_chunks, chunk)
+    key = ("tables", _mesh_key(mesh), config, length, dtype, matmul_precision, n_chunks, chunk)
     return cached(key, lambda: (programs.tables_program(
-        mesh, config, length, dtype, n_chunks=n_chunks, chunk=chunk),))[0]
+        mesh, config, length, dtype, n_chunks=n_chunks, chunk=chunk, matmul_precision=matmul_precision),))[0]
 
 
 def assemble_cost(mesh: Mesh, vocab: int) -> ProgramCost:
@@ -56,7 +57,7 @@ def assemble_cost(mesh: Mesh, vocab: int) -> ProgramCost:
 
 
 def run_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, usable_bytes: int, prefetch: int,
-              max_chunk: int = MAX_CHUNK) -> ChunkChoice | None:
+              max_chunk: int = MAX_CHUNK, matmul_precision: str = "float32") -> ChunkChoice | None:
     """The chunk a run takes on ``mesh`` for sentences padded to ``length``: the
     largest whose tables programs fit ``usable_bytes`` per device beside ``prefetch``
     pairs' tables (``largest_fitting_chunk``); None when none does. The one rule:
@@ -64,14 +65,16 @@ def run_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, usa
     budget = tables_budget(mesh, config, usable_bytes=usable_bytes, prefetch=prefetch)
     if budget <= 0:
         return None
-    return largest_fitting_chunk(mesh, config, length, dtype, budget_bytes=budget, max_chunk=max_chunk)
+    return largest_fitting_chunk(mesh, config, length, dtype, budget_bytes=budget, max_chunk=max_chunk,
+                                 matmul_precision=matmul_precision)
 
 
 def chunk_fits(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chunk_size: int, *, usable_bytes: int,
-               prefetch: int) -> bool:
+               prefetch: int, matmul_precision: str = "float32") -> bool:
     """Whether a run's tables programs at ``chunk_size`` (given by the user) fit, as ``run_chunk`` decides."""
     budget = tables_budget(mesh, config, usable_bytes=usable_bytes, prefetch=prefetch)
-    return budget > 0 and tables_fit(tables_cost(mesh, config, length, dtype, chunk_size), budget)
+    cost = tables_cost(mesh, config, length, dtype, chunk_size, matmul_precision=matmul_precision)
+    return budget > 0 and tables_fit(cost, budget)
 
 
 def tables_budget(mesh: Mesh, config: EncoderConfig, *, usable_bytes: int, prefetch: int) -> int:
@@ -107,7 +110,7 @@ class ChunkChoice:
 
 
 def largest_fitting_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, budget_bytes: int,
-                          max_chunk: int = MAX_CHUNK) -> ChunkChoice | None:
+                          max_chunk: int = MAX_CHUNK, matmul_precision: str = "float32") -> ChunkChoice | None:
     """The largest ``chunk_size`` whose tables programs fit ``budget_bytes`` per
     device (``tables_fit``), found by compiling; None when not even 8 sequences fit.
 
@@ -131,7 +134,8 @@ def largest_fitting_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype:
 
     def cost(i: int) -> ProgramCost:
         if i not in seen:
-            seen[i] = tables_cost(mesh, config, length, dtype, largest_size[candidates[i]])
+            seen[i] = tables_cost(mesh, config, length, dtype, largest_size[candidates[i]],
+                                  matmul_precision=matmul_precision)
         return seen[i]
 
     def fits(i: int) -> bool:
@@ -190,12 +194,14 @@ class StagePrograms:
 
 
 def other_programs(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, methods: tuple[str, ...],
-                   options: dict[str, dict[str, Any]]) -> tuple[ProgramCost, ProgramCost, dict, dict, ProgramCost]:
+                   options: dict[str, dict[str, Any]], *, matmul_precision: str = "float32"
+                   ) -> tuple[ProgramCost, ProgramCost, dict, dict, ProgramCost]:
     """The chunk-independent programs: both-masked pass, assembly, each method's
     joint and metrics programs, and the MLM's unary NLL (cached)."""
     vocab = config.vocab_size
-    both = cached(("both_masked", _mesh_key(mesh), config, length, dtype),
-                  lambda: (programs.both_masked_program(mesh, config, length, dtype),))[0]
+    both = cached(("both_masked", _mesh_key(mesh), config, length, dtype, matmul_precision),
+                  lambda: (programs.both_masked_program(mesh, config, length, dtype,
+                                                        matmul_precision=matmul_precision),))[0]
     assemble = assemble_cost(mesh, vocab)
     unary = cached(("mlm unary", _mesh_key(mesh), vocab), lambda: (programs.unary_program(mesh, vocab),))[0]
     joints, metrics = {}, {}

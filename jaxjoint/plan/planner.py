@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -13,6 +14,7 @@ from jaxjoint.flops import pair_flops, sequence_flops
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import DTYPES
+from jaxjoint.models.precision import check_mode
 from jaxjoint.plan import fit
 from jaxjoint.plan.cache import compiler_versions
 from jaxjoint.plan.compile import ProgramCost, local_rows, params_bytes
@@ -36,6 +38,7 @@ def make_plan(
     *,
     lengths: Sequence[int] = DEFAULT_LENGTHS,
     dtype: str = "float32",
+    matmul_precision: str = "float32",
     methods: Sequence[str] = METHODS,
     ag_options: dict[str, Any] | None = None,
     prefetch: int = PREFETCH,
@@ -52,6 +55,8 @@ def make_plan(
     lengths: sentence lengths in tokens (special tokens included); each is planned
       at its bucket (``tables.bucket_length``).
     dtype: compute dtype, ``float32`` or ``bfloat16``.
+    matmul_precision: the arithmetic of float32 products, ``float32``,
+      ``tensorfloat32`` or ``bfloat16`` (``jaxjoint.models.precision``).
     methods: the joints to derive (their programs and metrics are compiled).
     ag_options: AG's ``iters`` or ``tol``/``max_iters`` (as ``derive_joint`` takes them).
     prefetch: pairs queued on the devices behind the one being scored.
@@ -63,6 +68,7 @@ def make_plan(
     """
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    check_mode(matmul_precision)
     methods = tuple(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -75,7 +81,7 @@ def make_plan(
     name, config = (("config", model) if isinstance(model, EncoderConfig) else planning_config(model))
     ag = dict(ag_options or {})
     start = time.perf_counter()
-    buckets = tuple(_plan_bucket(resolved, config, length, dtype, methods, ag, prefetch, max_chunk)
+    buckets = tuple(_plan_bucket(resolved, config, length, dtype, matmul_precision, methods, ag, prefetch, max_chunk)
                     for length in lengths)
     report = PlanReport(
         target=resolved.name, chip=resolved.chip, devices=resolved.device_count, hosts=resolved.hosts,
@@ -85,27 +91,30 @@ def make_plan(
         versions=compiler_versions(), compile_seconds=0.0)
     reason = None
     if not report.fits:
-        reason = _reason(report, resolved, config, lengths, dtype, methods, ag, prefetch, max_chunk, suggest)
+        reason = _reason(report, resolved, config, lengths, dtype, matmul_precision, methods, ag, prefetch, max_chunk,
+                         suggest)
     return dataclasses.replace(report, reason=reason, compile_seconds=time.perf_counter() - start)
 
 
-def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str, methods: tuple[str, ...],
-                 ag: dict[str, Any], prefetch: int, max_chunk: int) -> BucketPlan:
+def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str, matmul_precision: str,
+                 methods: tuple[str, ...], ag: dict[str, Any], prefetch: int, max_chunk: int) -> BucketPlan:
     mesh = target.mesh()
     n = mesh_size(mesh)
     bucket = bucket_length(length, config.max_positions)
     options = {"ag": ag} if "ag" in methods else {}
-    both, assemble, joints, metrics, unary = fit.other_programs(mesh, config, bucket, dtype, methods, options)
+    both, assemble, joints, metrics, unary = fit.other_programs(mesh, config, bucket, dtype, methods, options,
+                                                                matmul_precision=matmul_precision)
+    tables_cost = functools.partial(fit.tables_cost, mesh, config, bucket, dtype, matmul_precision=matmul_precision)
     params = params_bytes(config)
     usable = target.usable_bytes_per_device
     if usable is None:  # no memory limit known: the largest candidate
-        cost = fit.tables_cost(mesh, config, bucket, dtype, max_chunk)
+        cost = tables_cost(max_chunk)
         n_chunks, chunk = chunking(local_rows(mesh, config.vocab_size), max_chunk)
         choice = fit.ChunkChoice(min(max_chunk, chunk), n_chunks, chunk, cost, None, 1)
     else:
         choice = fit.run_chunk(mesh, config, bucket, dtype, usable_bytes=usable, prefetch=prefetch,
-                               max_chunk=max_chunk)
-    tables = choice.cost if choice else fit.tables_cost(mesh, config, bucket, dtype, CHUNK_STEP)
+                               max_chunk=max_chunk, matmul_precision=matmul_precision)
+    tables = choice.cost if choice else tables_cost(CHUNK_STEP)
     stage = fit.StagePrograms(tables, both, assemble, joints, metrics, unary)
     table_bytes = 4 * local_rows(mesh, config.vocab_size) * config.vocab_size
     phases = fit.phases(stage, params, prefetch, table_bytes)
@@ -118,7 +127,7 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     if not fits and prefetch > 0 and usable is not None and not refused:
         bare = fit.phases(stage, params, 0, table_bytes)
         fits_without = all(p.total_bytes <= usable for p in bare if not p.program.startswith("tables")) and (
-            fit.tables_fit(fit.tables_cost(mesh, config, bucket, dtype, CHUNK_STEP), usable))
+            fit.tables_fit(tables_cost(CHUNK_STEP), usable))
 
     counted = pair_flops(config, bucket)
     per_sequence = sequence_flops(config, bucket)
@@ -150,8 +159,8 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
         fits_without_prefetch=fits_without)
 
 
-def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, dtype, methods, ag, prefetch,
-            max_chunk, suggest: bool) -> str:
+def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, dtype, matmul_precision, methods,
+            ag, prefetch, max_chunk, suggest: bool) -> str:
     """One line: what does not fit, and what would (compiled, when ``suggest``)."""
     worst = max((b for b in report.buckets if not b.fits), key=lambda b: b.peak_bytes or 0)
     v = config.vocab_size
@@ -171,7 +180,8 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
     tables_only = all(p.total_bytes is not None and p.total_bytes <= usable
                       for p in worst.phases if not p.program.startswith(("tables", "both")))
     if tables_only and dtype == "float32":
-        alt = make_plan(target, config, lengths=lengths, dtype="bfloat16", methods=methods, ag_options=ag,
+        alt = make_plan(target, config, lengths=lengths, dtype="bfloat16", matmul_precision="bfloat16",
+                        methods=methods, ag_options=ag,
                         prefetch=prefetch, max_chunk=max_chunk, suggest=False)
         if alt.fits:
             return f"{head}; fits with --dtype bfloat16 (chunk {alt.worst.chunk_size})"
@@ -179,13 +189,15 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
         return f"{head}; fits without prefetching the next pair (prefetch 0)"
     if target.name == "local":
         local = _more_local_devices(target, worst, report.params_bytes, config, lengths=lengths, dtype=dtype,
-                                    methods=methods, ag_options=ag, prefetch=prefetch, max_chunk=max_chunk)
+                                    matmul_precision=matmul_precision, methods=methods, ag_options=ag,
+                                    prefetch=prefetch, max_chunk=max_chunk)
         return head if local is None else f"{head}; {local}"
     candidates = _more_devices(target, worst, report.params_bytes)
     if not candidates:
         return head
     for more in candidates:
-        alt = make_plan(resolve_target(more), config, lengths=lengths, dtype=dtype, methods=methods, ag_options=ag,
+        alt = make_plan(resolve_target(more), config, lengths=lengths, dtype=dtype,
+                        matmul_precision=matmul_precision, methods=methods, ag_options=ag,
                         prefetch=prefetch, max_chunk=max_chunk, suggest=False)
         if alt.fits:
             if alt.hosts > 1:

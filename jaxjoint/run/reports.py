@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxjoint.config import EvalConfig
+from jaxjoint.config import EvalConfig, matmul_precision_of
 from jaxjoint.joints import LABELS
 from jaxjoint.metrics import aggregate
 from jaxjoint.run.rundir import SUMMARY_FILES
@@ -52,7 +52,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"## {c['model']} on {c['data']}, {c['masking']} masking",
         "",
         f"{_count(summary['n_pairs'], 'pair')} ({_count(summary['n_skipped'], 'sentence')} skipped), "
-        f"seed {c['seed']}, {c['dtype']}"
+        f"seed {c['seed']}, {c['dtype']}, {matmul_precision_of(c)} products"
         + (f"; AG: {ag['iters_mean']:g} iterations on average, last-step L1 change up to {ag['delta_max']:.2g}"
            if ag else ""),
         "",

@@ -123,7 +123,7 @@ def _load_run(config: EvalConfig, rundir: RunDir, *, read_out: bool) -> _Run:
     with ``read_out`` looks at the output directory."""
     records = rundir.finished_records(config) if read_out else []
     sentences = load_sentences(config.data, config.max_sentences)
-    mlm = load_mlm(model_source(config.model), dtype=config.dtype)
+    mlm = load_mlm(model_source(config.model), dtype=config.dtype, matmul_precision=config.matmul_precision)
     pairs, skipped = make_pairs(sentences, mlm.tokenizer, masking=config.masking, seed=config.seed,
                                 max_length=max_tokens(mlm.config))
     if not pairs:
@@ -167,6 +167,7 @@ def _memory_plan(config: EvalConfig, run: _Run, todo: list[MaskedPair], limits: 
 
     target = target_for_devices(run.mesh.devices.flat, usable_bytes=min(limits))
     plan = functools.partial(make_plan, target, run.mlm.config, lengths=buckets, dtype=config.dtype,
+                             matmul_precision=config.matmul_precision,
                              methods=config.methods, ag_options=config.ag_options(),
                              max_chunk=config.chunk_size or MAX_CHUNK)
     prefetch, report = PREFETCH, plan(prefetch=PREFETCH, suggest=False)
@@ -180,7 +181,8 @@ def _memory_plan(config: EvalConfig, run: _Run, todo: list[MaskedPair], limits: 
     if config.chunk_size is not None:
         for bucket in buckets:
             if not fit.chunk_fits(target.mesh(), run.mlm.config, bucket, config.dtype, config.chunk_size,
-                                  usable_bytes=target.usable_bytes_per_device, prefetch=prefetch):
+                                  usable_bytes=target.usable_bytes_per_device, prefetch=prefetch,
+                                  matmul_precision=config.matmul_precision):
                 best = next(b for b in report.buckets if b.bucket == bucket).chunk_size
                 raise UserError(f"--chunk-size {config.chunk_size} does not fit {bucket}-token sentences on "
                                 f"{target.chip.name} (compiled); {best} does, or leave the chunk to the run")
