@@ -1,4 +1,4 @@
-"""The ``jaxjoint`` command: evaluate, pair, plan, plot, train-mlm.
+"""The ``jaxjoint`` command: evaluate, pair, plan, plot, table, train-mlm.
 
 Each subcommand is a thin layer: its flags come from the config declaration
 (``config.add_arguments``), its work from the library. Errors a user can fix are
@@ -26,6 +26,7 @@ from jaxjoint.config import (
     LaunchOptions,
     PairOptions,
     PlanOptions,
+    TableOptions,
     add_arguments,
     check_ag_flags,
     read_config_file,
@@ -164,6 +165,19 @@ def _run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- table ----------------------------------------------------------------------------------
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    from jaxjoint.run.table import write_table
+
+    options = resolve_options(TableOptions, vars(args))
+    text = write_table(args.directories, options.output, resamples=options.resamples, seed=options.bootstrap_seed)
+    if text is not None:
+        print(text, end="")
+    return 0
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -216,6 +230,14 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     pl.add_argument("directory", metavar="DIR")
     pl.add_argument("--output", metavar="PNG", help="where to write (default DIR/nll_by_distance.png)")
     pl.set_defaults(func=_run_plot)
+
+    tb = sub.add_parser("table", help="the paper's table from finished runs, with bootstrap intervals",
+                        description="One row per run (model, data, masking, and any setting that differs), per "
+                        "method P-PPL, U-PPL, KL (gold), KL (all), and the MLM's own U-PPL, each with a 95% "
+                        "bootstrap interval over the run's pairs, and each method's paired difference from AG.")
+    tb.add_argument("directories", metavar="RUN_DIR", nargs="+", help="the --out directory of a finished evaluate")
+    add_arguments(tb, TableOptions, "table")
+    tb.set_defaults(func=_run_table)
 
     if with_tools:
         from jaxjoint.tools import train_mlm

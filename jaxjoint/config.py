@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from jaxjoint import default
-from jaxjoint.data import EMBEDDED_SAMPLE, MASKINGS, default_limit, is_data_name
+from jaxjoint.data import EMBEDDED_SAMPLE, MASKINGS, default_limit, is_data_name, local_copy
 from jaxjoint.errors import UserError
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
 from jaxjoint.models.mlm import DTYPES
@@ -70,7 +70,8 @@ class EvalConfig:
 
     model: str = option(DEFAULT_MODEL, "checkpoint directory, hub name, or 'default' (the embedded model)",
                         kind="source", metavar="PATH|NAME", result=True, per_host=True)
-    data: str = option("default", "default, default-news, snli, xsum, a .txt / .jsonl file, or a FASTA file "
+    data: str = option("default", "default, default-news, snli, xsum, a local copy of one (snli=PATH, xsum=PATH: "
+                       "Parquet, JSON Lines or a datasets directory), a .txt / .jsonl file, or a FASTA file "
                        "(.fa, .faa, .fasta) for a protein MLM",
                        kind="source", metavar="NAME|PATH", result=True, per_host=True, commands=("evaluate",))
     masking: str = option("random", "how the two positions are drawn: random or contiguous (DESIGN.md §2)",
@@ -156,6 +157,19 @@ class PairOptions:
     """What ``jaxjoint pair`` asks beyond the run's config (``jaxjoint.explain.explain_text``)."""
 
     top_k: int = option(10, "pairs to list per method", kind="int", minimum=1, metavar="K", commands=("pair",))
+
+
+@dataclasses.dataclass(frozen=True)
+class TableOptions:
+    """What ``jaxjoint table`` asks beyond its run directories (``jaxjoint.run.table.write_table``)."""
+
+    output: str | None = option(None, "write the table to FILE, its format by the extension: .md (Markdown), .csv, "
+                                ".tex (LaTeX, booktabs) or .png (a figure); default Markdown on stdout",
+                                kind="path", metavar="FILE", commands=("table",))
+    resamples: int = option(2000, "bootstrap resamples of each run's pairs", kind="int", minimum=100, metavar="N",
+                            commands=("table",))
+    bootstrap_seed: int = option(0, "seed of the bootstrap resamples (the same runs give the same table)",
+                                 kind="int", minimum=0, metavar="S", commands=("table",))
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}
@@ -334,6 +348,9 @@ def _checked(field: dataclasses.Field, value: Any) -> Any:
         if kind == "text":
             return text
         builtin = (key == "model" and text == DEFAULT_MODEL) or (key == "data" and is_data_name(text))
+        copy = local_copy(text) if key == "data" else None
+        if copy is not None:  # snli=PATH: the path made absolute, as any other
+            return f"{copy[0]}={_absolute('path', copy[1])}"
         return text if builtin else _absolute(kind, text)
     if kind == "choice":
         if value not in meta["choices"]:

@@ -5,7 +5,10 @@ A data source is a name or a path:
 - ``default`` / ``default-news``: the held-out sets shipped with the embedded
   default model (``jaxjoint/default/heldout_short.txt``, ``heldout_news.txt``);
 - ``snli`` / ``xsum``: the paper's sets, through ``datasets.load_dataset``
-  (downloaded once, then read from the local cache);
+  (downloaded once, then read from the local cache; a script-based repository from
+  the hub's Parquet conversion), selected by the paper's protocol (DESIGN.md §2);
+- ``snli=PATH`` / ``xsum=PATH``: a local copy of the protocol's split with the hub's
+  columns (Parquet, JSON Lines, or a directory saved by ``datasets``), selected the same way;
 - a ``.txt`` file (one sentence a line) or a ``.jsonl`` file (a ``text`` field a line);
 - a FASTA file (``.fa``, ``.faa``, ``.fasta``) of protein sequences, one record a pair, for
   a protein MLM (ESM-2) whose tokenizer reads one residue a token.
@@ -35,6 +38,10 @@ from jaxjoint.models.config import EncoderConfig
 MASKINGS = ("random", "contiguous")
 LOCAL_SETS = {"default": SENTENCE_FILES["short"], "default-news": SENTENCE_FILES["news"]}
 HUB_SETS = {"snli": "stanfordnlp/snli", "xsum": "EdinburghNLP/xsum"}
+HUB_SPLITS = {"snli": "train", "xsum": "validation"}  # the split the protocol reads
+HUB_COLUMNS = {"snli": ("premise", "hypothesis"), "xsum": ("summary",)}  # the columns it reads
+# The hub's own Parquet conversion of a dataset: what datasets >= 4 can read of a script-based repository.
+PARQUET_REVISION = "refs/convert/parquet"
 DATA_NAMES = (*LOCAL_SETS, *HUB_SETS)
 TEXT_SUFFIXES = (".txt", ".jsonl")
 FASTA_SUFFIXES = (".fa", ".faa", ".fasta")  # compared in lower case, as TEXT_SUFFIXES
@@ -57,6 +64,8 @@ class MaskedPair:
     input_ids: int[L] with special tokens, gold tokens in place (a tuple).
     a, b: the positions A and B (A is the one drawn first).
     id: the FASTA record's id (``>id description``); None for text.
+    truncated_from: the sentence's length in tokens (special tokens included) when it
+      was cut to the model's maximum; None when ``input_ids`` is all of it.
     """
 
     index: int
@@ -65,11 +74,20 @@ class MaskedPair:
     a: int
     b: int
     id: str | None = None
+    truncated_from: int | None = None
 
     @property
     def gold(self) -> tuple[int, int]:
         """The gold tokens ``(a0, b0)`` at A and B."""
         return self.input_ids[self.a], self.input_ids[self.b]
+
+
+@dataclasses.dataclass(frozen=True)
+class Skipped:
+    """A sentence (or FASTA record) that has no pair: its index in the source and why."""
+
+    index: int
+    reason: str
 
 
 def is_data_name(data: str) -> bool:
@@ -117,10 +135,14 @@ def load_sentences(data: str, limit: int | None = None) -> list[str] | list[Fast
     FASTA file, its first ``limit`` records.
 
     Raises ``UserError`` for an unknown name, a missing, unreadable or empty file,
-    a malformed ``.jsonl`` line or FASTA record, or a hub set that cannot be fetched.
+    a malformed ``.jsonl`` line or FASTA record, a local copy without the hub's
+    columns, or a hub set that cannot be fetched (saying what failed).
     """
+    copy = local_copy(data)
     if data in HUB_SETS:
         sentences = _hub_sentences(data, limit)
+    elif copy is not None:
+        sentences = _protocol(copy[0], _local_rows(*copy), limit)
     else:
         path = _data_path(data)
         sentences = fasta_records(path) if _suffix(path) in FASTA_SUFFIXES else _file_sentences(path)
@@ -143,8 +165,8 @@ def _data_path(data: str) -> Path:
     if _suffix(path) not in (*TEXT_SUFFIXES, *FASTA_SUFFIXES):
         if not path.exists():
             raise UserError(
-                f"unknown data {data!r}: give one of {', '.join(DATA_NAMES)} "
-                "or a path to a .txt, .jsonl or FASTA (.fa, .faa, .fasta) file")
+                f"unknown data {data!r}: give one of {', '.join(DATA_NAMES)}, a local copy snli=PATH or "
+                "xsum=PATH, or a path to a .txt, .jsonl or FASTA (.fa, .faa, .fasta) file")
         raise UserError(f"data file {data} must end in .txt (a sentence a line), .jsonl (a 'text' field) "
                         "or .fa/.faa/.fasta (protein sequences)")
     if not path.is_file():
@@ -242,18 +264,141 @@ def _quiet_hub() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def local_copy(data: str) -> tuple[str, str] | None:
+    """``(name, path)`` of a local copy of a hub set (``snli=PATH``, ``xsum=PATH``), else None."""
+    name, sep, path = data.partition("=")
+    return (name, path) if sep and name in HUB_SETS and path.strip() else None
+
+
 def _hub_sentences(name: str, limit: int | None) -> list[str]:
     """The paper's protocol (DESIGN.md §2) over a ``datasets`` hub set."""
+    return _protocol(name, _hub_rows(name), limit)
+
+
+def _fail(name: str, what: str) -> UserError:
+    return UserError(f"cannot load {name!r} ({HUB_SETS[name]}): {what}; or give a local copy of the hub's "
+                     f"{HUB_SPLITS[name]} split: --data {name}=PATH (Parquet, JSON Lines, or a directory saved "
+                     "by datasets)")
+
+
+def _hub_rows(name: str) -> Any:
+    """The protocol's split of a hub set as a ``datasets.Dataset``, rows in the hub's order.
+
+    Without network the cache is read at once (``hub.unreachable``). A repository that
+    loads through a script (``datasets`` >= 4 refuses those) is read from the hub's
+    Parquet conversion of the same dataset (``PARQUET_REVISION``): the same rows in the
+    same order, so ``shuffle(seed=0)`` selects the same sentences.
+    """
     import datasets
 
-    split = "train" if name == "snli" else "validation"
+    from jaxjoint import hub
+
+    repo, split = HUB_SETS[name], HUB_SPLITS[name]
+    why = hub.unreachable()
+    if why is not None:
+        with hub.offline(), _quiet_hub():
+            for revision in (None, PARQUET_REVISION):
+                try:
+                    return datasets.load_dataset(repo, split=split, revision=revision)
+                except Exception:  # not in the cache under this revision
+                    continue
+        raise _fail(name, f"the Hugging Face Hub is not reachable ({why}) and {repo} is not in the datasets "
+                    "cache; connect once to cache it")
     try:
         with _quiet_hub():
-            rows = datasets.load_dataset(HUB_SETS[name], split=split)
-    except Exception as err:  # datasets raises many types for "not reachable"
-        raise UserError(
-            f"cannot load {name!r} ({HUB_SETS[name]}) with datasets: {type(err).__name__}; "
-            "connect once to cache it, or give a local .txt/.jsonl file") from None
+            return datasets.load_dataset(repo, split=split)
+    except Exception as err:  # datasets raises many types
+        if not _script_refused(err):
+            raise _load_failure(name, err) from None
+    try:
+        with _quiet_hub():
+            return datasets.load_dataset(repo, split=split, revision=PARQUET_REVISION)
+    except Exception as err:
+        raise _fail(name, f"datasets {datasets.__version__} refuses its loading script, and its Parquet "
+                    f"conversion (revision {PARQUET_REVISION}) failed too: {_describe(err)}") from None
+
+
+def _script_refused(err: Exception) -> bool:
+    return isinstance(err, RuntimeError) and "scripts are no longer supported" in str(err)
+
+
+def _describe(err: Exception) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}" if text else type(err).__name__
+
+
+def _load_failure(name: str, err: Exception) -> UserError:
+    """What failed, from the type of ``datasets``' error."""
+    from datasets.exceptions import DatasetNotFoundError
+
+    if isinstance(err, ConnectionError):
+        return _fail(name, f"the Hugging Face Hub did not answer ({_describe(err)})")
+    if isinstance(err, DatasetNotFoundError):
+        return _fail(name, f"the hub has no such dataset, or it cannot be accessed ({_describe(err)})")
+    if isinstance(err, (ValueError, KeyError)) and "split" in str(err).lower():
+        return _fail(name, f"it has no {HUB_SPLITS[name]!r} split ({_describe(err)})")
+    return _fail(name, _describe(err))
+
+
+def _local_rows(name: str, path_text: str) -> Any:
+    """A local copy of a hub set as a ``datasets.Dataset``, rows in the file's order.
+
+    path: a Parquet file, a JSON Lines file (``.jsonl``, ``.json``: one object a line), or
+    a directory written by ``datasets``' ``save_to_disk`` (a dataset, or a dataset dict
+    holding the protocol's split). The hub's columns are needed (``HUB_COLUMNS``).
+    """
+    import datasets
+
+    path = Path(path_text).expanduser()
+    where = f"--data {name}={path_text}"
+    if not path.exists():
+        raise UserError(f"{where}: {path} does not exist")
+    columns = HUB_COLUMNS[name]
+    try:
+        if path.is_dir():
+            rows = datasets.load_from_disk(str(path))
+            if isinstance(rows, datasets.DatasetDict):
+                split = HUB_SPLITS[name]
+                if split not in rows:
+                    raise UserError(f"{where}: the saved dataset has no {split!r} split (it has "
+                                    f"{', '.join(rows) or 'none'}); the protocol reads {split}")
+                rows = rows[split]
+        elif _suffix(path) == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = datasets.Dataset(pq.read_table(path))
+        elif _suffix(path) in (".jsonl", ".json"):
+            rows = datasets.Dataset.from_list(_json_lines(path, columns))
+        else:
+            raise UserError(f"{where}: give a .parquet file, a .jsonl file or a directory saved by datasets")
+    except UserError:
+        raise
+    except Exception as err:  # pyarrow and datasets raise many types for a broken file
+        raise UserError(f"{where}: cannot read it ({_describe(err)})") from None
+    missing = [c for c in columns if c not in rows.column_names]
+    if missing:
+        raise UserError(f"{where}: no {missing[0]!r} column (it has {', '.join(rows.column_names) or 'none'}); "
+                        f"a copy of {HUB_SETS[name]} has the hub's columns: {', '.join(columns)}")
+    return rows
+
+
+def _json_lines(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(_read_lines(path), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}:{number}: expected one JSON object a line")
+        rows.append({c: row.get(c) for c in columns})
+    return rows
+
+
+def _protocol(name: str, rows: Any, limit: int | None) -> list[str]:
+    """DESIGN.md §2's selection from the rows of the hub's split (a ``datasets.Dataset``)."""
     rows = rows.shuffle(seed=0)
     if name == "xsum":
         n = len(rows) if limit is None else min(limit, len(rows))
@@ -317,20 +462,21 @@ def make_pairs(
     masking: str,
     seed: int,
     max_length: int,
-) -> tuple[list[MaskedPair], int]:
+) -> tuple[list[MaskedPair], list[Skipped]]:
     """Tokenize ``sentences`` (or FASTA records) and choose each one's pair.
 
-    Sentences are truncated to ``max_length`` tokens (special tokens included).
+    Sentences are truncated to ``max_length`` tokens (special tokens included); a
+    pair cut so keeps the whole length as ``truncated_from``.
     A FASTA record's residues must all be in the tokenizer's alphabet
     (``protein_alphabet``), else a ``UserError`` names the record, its line and
     the character; its pair keeps the record's id.
-    Returns the pairs, in sentence order, and how many sentences were skipped for
-    having fewer than two maskable tokens (no adjacent pair, for contiguous masking).
+    Returns the pairs, in sentence order, and the sentences skipped for having fewer
+    than two maskable tokens (no adjacent pair, for contiguous masking), with why.
     """
     if tokenizer is None:
         raise UserError("the checkpoint has no tokenizer files; evaluation needs one to read text")
     alphabet = protein_alphabet(tokenizer) if any(isinstance(s, FastaRecord) for s in sentences) else None
-    pairs, skipped = [], 0
+    pairs, skipped = [], []
     for index, item in enumerate(sentences):
         text, record_id = item, None
         if isinstance(item, FastaRecord):
@@ -338,11 +484,19 @@ def make_pairs(
                            lambda i, r=item: f"{r.path}:{r.line_of(i)}: FASTA record {r.id!r}")
             text, record_id = item.sequence, item.id
         encoded = tokenizer(text, truncation=True, max_length=max_length, return_special_tokens_mask=True)
+        whole = None
+        if len(encoded["input_ids"]) >= max_length:  # cut, or exactly the maximum: count the whole
+            length = len(tokenizer(text, verbose=False)["input_ids"])
+            whole = length if length > max_length else None
         positions = choose_positions(encoded["special_tokens_mask"], masking, sentence_rng(seed, index))
         if positions is None:
-            skipped += 1
+            free = len(encoded["special_tokens_mask"]) - sum(encoded["special_tokens_mask"])
+            reason = (f"{free} maskable token{'' if free == 1 else 's'}, fewer than two" if masking == "random"
+                      else f"no two adjacent maskable tokens ({free} maskable)")
+            skipped.append(Skipped(index, reason))
             continue
-        pairs.append(MaskedPair(index, text, tuple(int(t) for t in encoded["input_ids"]), *positions, id=record_id))
+        pairs.append(MaskedPair(index, text, tuple(int(t) for t in encoded["input_ids"]), *positions,
+                                id=record_id, truncated_from=whole))
     return pairs, skipped
 
 

@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from jaxjoint.config import EvalConfig, matmul_precision_of
+from jaxjoint.data import Skipped
 from jaxjoint.joints import LABELS
 from jaxjoint.metrics import aggregate
 from jaxjoint.run.rundir import SUMMARY_FILES
@@ -18,8 +19,14 @@ from jaxjoint.run.rundir import SUMMARY_FILES
 Record = dict[str, Any]
 
 
-def summarize(config: EvalConfig, records: Sequence[Record], n_skipped: int) -> dict[str, Any]:
-    """The ``summary.json`` content from the records of a finished run."""
+def summarize(config: EvalConfig, records: Sequence[Record], skipped: Sequence[Skipped], *,
+              unit: str = "sentence", max_length: int | None = None) -> dict[str, Any]:
+    """The ``summary.json`` content from the records of a finished run.
+
+    skipped: the sentences without a pair (``data.make_pairs``); unit: what the data
+    holds, ``sentence`` or ``sequence`` (proteins); max_length: the model's maximum
+    in tokens, to which the records with ``truncated_from`` were cut.
+    """
     flat = [
         {"method": m, **values, "mlm_unary_u_nll": r["mlm_unary_u_nll"]}
         for r in records for m, values in r["metrics"].items()
@@ -28,7 +35,12 @@ def summarize(config: EvalConfig, records: Sequence[Record], n_skipped: int) -> 
     summary: dict[str, Any] = {
         "config": config.to_dict(),
         "n_pairs": len(records),
-        "n_skipped": n_skipped,
+        "unit": unit,
+        "n_skipped": len(skipped),
+        "skipped": [{"index": s.index, "reason": s.reason} for s in skipped],
+        "max_tokens": max_length,
+        "n_truncated": sum("truncated_from" in r for r in records),
+        "truncated": [{"index": r["index"], "tokens": r["truncated_from"]} for r in records if "truncated_from" in r],
         "methods": {m: {k: per_method[m][k] for k in ("p_ppl", "u_ppl", "kl_gold", "kl_all")}
                     for m in config.methods},
         "mlm_unary_u_ppl": per_method[config.methods[0]]["mlm_unary_u_ppl"],  # the same for every method
@@ -51,10 +63,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     lines = [
         f"## {c['model']} on {c['data']}, {c['masking']} masking",
         "",
-        f"{_count(summary['n_pairs'], 'pair')} ({_count(summary['n_skipped'], 'sentence')} skipped), "
-        f"seed {c['seed']}, {c['dtype']}, {matmul_precision_of(c)} products"
+        f"{_count(summary['n_pairs'], 'pair')}, seed {c['seed']}, {c['dtype']}, {matmul_precision_of(c)} products"
         + (f"; AG: {ag['iters_mean']:g} iterations on average, last-step L1 change up to {ag['delta_max']:.2g}"
            if ag else ""),
+        "",
+        *_accounts(summary),
         "",
         "| Method | P-PPL | U-PPL | KL (gold) | KL (all) |",
         "|:--|--:|--:|--:|--:|",
@@ -64,6 +77,28 @@ def summary_markdown(summary: dict[str, Any]) -> str:
                      f"| {m['kl_all']:.3f} |")
     lines.append(f"| MLM conditionals | – | {summary['mlm_unary_u_ppl']:.2f} | – | – |")
     return "\n".join(lines) + "\n"
+
+
+LISTED = 10  # indices listed in summary.md; summary.json lists all
+
+
+def _accounts(summary: dict[str, Any]) -> list[str]:
+    """One line: the sentences skipped and why, and those cut to the model's maximum (by index)."""
+    unit = summary.get("unit", "sentence")
+    skipped, cut = summary.get("skipped", []), summary.get("truncated", [])
+    maximum = f"the model's maximum of {summary['max_tokens']} tokens" if summary.get("max_tokens") else (
+        "the model's maximum")
+
+    def listed(items: list[str]) -> str:
+        more = f"; {len(items) - LISTED} more in summary.json" if len(items) > LISTED else ""
+        return " (" + "; ".join(items[:LISTED]) + more + ")"
+
+    parts = [f"{_count(len(skipped), unit)} skipped" + listed([f"{s['index']}: {s['reason']}" for s in skipped])
+             if skipped else f"no {unit} skipped",
+             f"{_count(len(cut), unit)} cut to {maximum}" + listed([f"{t['index']}: {t['tokens']} tokens" for t in cut])
+             if cut else f"none cut to {maximum}"]
+    line = "; ".join(parts) + "."
+    return [line[0].upper() + line[1:]]
 
 
 def _count(n: int, noun: str) -> str:

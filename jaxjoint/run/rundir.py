@@ -78,12 +78,12 @@ def count_pairs(out: str | Path) -> int:
     return len(read_pairs(Path(out) / PAIRS_FILE)[0])
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` by ``text`` so that a kill leaves the old or the new file, never half."""
+def write_atomic(path: Path, text: str | bytes) -> None:
+    """Replace ``path`` by ``text`` (or bytes) so that a kill leaves the old or the new file, never half."""
     write_all_atomic({path: text})
 
 
-def write_all_atomic(files: dict[Path, str]) -> None:
+def write_all_atomic(files: dict[Path, str | bytes]) -> None:
     """Replace each file by its text: every new file is written and fsynced beside
     its target first, then each is renamed over it (a rename needs no space), so a
     full disk leaves every old file as it was. ``OSError`` on failure, with the
@@ -94,7 +94,7 @@ def write_all_atomic(files: dict[Path, str]) -> None:
         for path, text in files.items():
             tmp = path.with_name(path.name + ".tmp")
             written.append(tmp)
-            with open(tmp, "w", encoding="utf-8") as f:
+            with (open(tmp, "wb") if isinstance(text, bytes) else open(tmp, "w", encoding="utf-8")) as f:
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())

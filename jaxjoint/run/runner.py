@@ -23,7 +23,7 @@ from jax.sharding import Mesh
 
 from jaxjoint import scoring
 from jaxjoint.config import EvalConfig, shared_settings
-from jaxjoint.data import MaskedPair, load_sentences, make_pairs, max_tokens
+from jaxjoint.data import FastaRecord, MaskedPair, Skipped, load_sentences, make_pairs, max_tokens
 from jaxjoint.default import model_source
 from jaxjoint.errors import UserError
 from jaxjoint.models.mlm import MaskedLM, load_mlm
@@ -97,7 +97,8 @@ def _run(config: EvalConfig, rundir: RunDir, procs: Processes, quiet: bool) -> d
             writer.close()
         progress.close()
 
-    summary = summarize(config, [finished[p.index] for p in run.pairs], run.skipped)
+    summary = summarize(config, [finished[p.index] for p in run.pairs], run.skipped, unit=run.unit,
+                        max_length=max_tokens(run.mlm.config))
     if procs.leader:
         rundir.sort_pairs()
         rundir.write_files(summary_files(summary))
@@ -109,13 +110,15 @@ def _run(config: EvalConfig, rundir: RunDir, procs: Processes, quiet: bool) -> d
 @dataclasses.dataclass(frozen=True)
 class _Run:
     """What one process loaded for a run: the finished records it read (process 0
-    only), the model, the pairs of the data, the sentences skipped, its mesh."""
+    only), the model, the pairs of the data, the sentences skipped, its mesh, and
+    what the data holds ("sentence", or "sequence" for proteins)."""
 
     records: list[Record]
     mlm: MaskedLM
     pairs: list[MaskedPair]
-    skipped: int
+    skipped: list[Skipped]
     mesh: Mesh
+    unit: str = "sentence"
 
 
 def _load_run(config: EvalConfig, rundir: RunDir, *, read_out: bool) -> _Run:
@@ -127,7 +130,8 @@ def _load_run(config: EvalConfig, rundir: RunDir, *, read_out: bool) -> _Run:
     pairs, skipped = make_pairs(sentences, mlm.tokenizer, masking=config.masking, seed=config.seed,
                                 max_length=max_tokens(mlm.config))
     if not pairs:
-        raise UserError(f"none of the {len(sentences)} sentences of {config.data} has two maskable tokens")
+        unit = "FASTA records" if isinstance(sentences[0], FastaRecord) else "sentences"
+        raise UserError(f"none of the {len(sentences)} {unit} of {config.data} has two maskable tokens")
     stored = {r["index"]: r for r in records}
     for pair in pairs:
         old = stored.get(pair.index)
@@ -135,7 +139,8 @@ def _load_run(config: EvalConfig, rundir: RunDir, *, read_out: bool) -> _Run:
             raise UserError(f"{rundir.pairs_path} has another pair for sentence {pair.index}: "
                             "the data or tokenizer changed; use a new --out")
     mesh = global_mesh(config.devices) if config.distributed == "global" else local_mesh(config.devices)
-    return _Run(records, mlm, pairs, skipped, mesh)
+    unit = "sequence" if isinstance(sentences[0], FastaRecord) else "sentence"
+    return _Run(records, mlm, pairs, skipped, mesh, unit)
 
 
 def _memory_plan(config: EvalConfig, run: _Run, todo: list[MaskedPair], limits: list[int | None], *,
@@ -240,6 +245,8 @@ def _keep_round(batch: list[MaskedPair], results: list[dict[str, Any] | None], f
     for pair, result in zip(batch, results):
         if result is not None:
             record = scoring.pair_record(pair, result["metrics"], result["unary"])
+            if pair.truncated_from is not None:
+                record["truncated_from"] = pair.truncated_from
             finished[pair.index] = record
             if writer is not None:
                 writer.append(record)
