@@ -141,7 +141,7 @@ def test_fasta_needs_a_protein_tokenizer(fasta_file, sharp_ckpt):
 def test_fasta_pairs_keep_the_record_and_never_mask_a_special_token(esm, fasta_file):
     records = load_sentences(str(fasta_file))
     pairs, skipped = make_pairs(records, esm.tokenizer, masking="random", seed=0, max_length=512)
-    assert skipped == 1 and [(p.index, p.id, p.text) for p in pairs] == [
+    assert [s.index for s in skipped] == [2] and [(p.index, p.id, p.text) for p in pairs] == [
         (i, rid, seq) for i, (rid, seq) in enumerate(RECORDS) if i != 2]
     for p in pairs:
         tokens = esm.tokenizer.convert_ids_to_tokens(list(p.input_ids))
@@ -208,7 +208,8 @@ def test_esm_evaluate_from_fasta_matches_float64(esm_run, esm_ckpt):
     records = check_run(out, esm_ckpt, summary)
     assert [(r["index"], r["id"], r["text"]) for r in records] == [
         (i, rid, seq) for i, (rid, seq) in enumerate(RECORDS) if i != 2]
-    assert summary["n_pairs"] == 3 and summary["n_skipped"] == 1
+    assert summary["n_pairs"] == 3 and summary["n_skipped"] == 1 and summary["unit"] == "sequence"
+    assert "1 sequence skipped (2: " in (out / "summary.md").read_text()
 
 
 @pytest.mark.slow

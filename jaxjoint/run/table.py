@@ -244,8 +244,16 @@ def _decimals(e: Estimate) -> int:
 
 def _cell(e: Estimate, signed: bool = False) -> tuple[str, str, str]:
     d = _decimals(e)
+    # An interval that excludes 0 must not print a bound as 0.
+    while e.excludes_zero() and d < 8 and round(min(abs(e.low), abs(e.high)), d) == 0:
+        d += 1
     sign = "+" if signed else ""
-    return f"{e.value:{sign}.{d}f}", f"{e.low:.{d}f}", f"{e.high:.{d}f}"
+
+    def text(x: float, spec: str = "") -> str:
+        out = f"{x:{spec}.{d}f}"
+        return out[1:] if out.startswith("-") and float(out) == 0 else out  # no "-0"
+
+    return text(e.value, sign), text(e.low), text(e.high)
 
 
 def _method_label(method: str) -> str:
@@ -395,10 +403,12 @@ def table_png(table: Table) -> bytes:
             ax.set_yscale("log")
         ax.set_title(title + (" (exp of mean NLL)" if is_ppl else " (mean, nats)"))
         ax.grid(alpha=0.3, axis="y")
-    axes.flat[0].legend(fontsize="small", title="run")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=min(len(runs), 3), fontsize="small", frameon=False)
     fig.suptitle(f"{int(LEVEL * 100)}% bootstrap intervals over each run's pairs "
                  f"({table.resamples} resamples, seed {table.seed})")
-    fig.tight_layout()
+    rows_of_legend = math.ceil(len(runs) / 3)
+    fig.tight_layout(rect=(0, 0.03 * rows_of_legend + 0.01, 1, 1))
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
