@@ -393,7 +393,11 @@ def _json_lines(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
             row = None
         if not isinstance(row, dict):
             raise UserError(f"{path}:{number}: expected one JSON object a line")
-        rows.append({c: row.get(c) for c in columns})
+        missing = [c for c in columns if c not in row]
+        if missing:
+            raise UserError(f"{path}:{number}: no {missing[0]!r} field; a local copy has the hub's columns "
+                            f"({', '.join(columns)})")
+        rows.append({c: row[c] for c in columns})
     return rows
 
 

@@ -3,7 +3,7 @@
 ``huggingface_hub`` retries a request that cannot connect five times with backoff
 (1, 2, 4, 8, 8 s), and ``datasets`` reaches the hub several times per load, so a
 machine without network waits about 25 s, printing retry lines, before it fails.
-``unreachable`` asks once, with a short timeout, through the hub client's own
+``unreachable`` asks once, within a short deadline, through the hub client's own
 HTTP session (so its proxy and endpoint settings apply); ``offline`` then makes
 the clients read their caches only, at once.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from collections.abc import Iterator
 
 TIMEOUT_S = 3.0  # a HEAD of the hub's front page answers in well under a second when it is reachable
@@ -22,19 +23,30 @@ def unreachable(timeout: float = TIMEOUT_S) -> str | None:
 
     Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) counts as unreachable
     without asking. Any HTTP answer, an error status included, means reachable:
-    what a status means is left to the call that follows.
+    what a status means is left to the call that follows. The whole check, name
+    lookup included (which no HTTP timeout bounds), takes at most ``timeout`` seconds.
     """
     from huggingface_hub import constants
     from huggingface_hub.utils import get_session
 
     if constants.is_offline_mode() or _datasets_offline():
         return "offline mode is set (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
-    try:
-        get_session().head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
-    except Exception as err:  # httpx raises many types for "no answer"
-        reason = " ".join(str(err).split()) or type(err).__name__
-        return f"{constants.ENDPOINT} does not answer ({reason})"
-    return None
+    outcome: list[str | None] = []
+
+    def ask() -> None:
+        try:
+            get_session().head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+            outcome.append(None)
+        except Exception as err:  # httpx raises many types for "no answer"
+            outcome.append(" ".join(str(err).split()) or type(err).__name__)
+
+    # A daemon thread: a name lookup that hangs past the deadline is left behind, not waited for.
+    thread = threading.Thread(target=ask, name="jaxjoint-hub-check", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not outcome:
+        return f"{constants.ENDPOINT} does not answer within {timeout:g} s"
+    return None if outcome[0] is None else f"{constants.ENDPOINT} does not answer ({outcome[0]})"
 
 
 def _datasets_offline() -> bool:

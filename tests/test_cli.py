@@ -68,7 +68,7 @@ def test_bad_input_is_one_line_and_writes_nothing(error_runs, case):
 
 
 @pytest.mark.parametrize("extra,message", [
-    (["--data", "snli"], r"cannot load 'snli' \(stanfordnlp/snli\) with datasets"),
+    (["--data", "snli"], r"cannot load 'snli' \(stanfordnlp/snli\): the Hugging Face Hub is not reachable"),
     (["--max-sentences", "ten"],
      r"argument --max-sentences: invalid int value: 'ten' \(see jaxjoint evaluate --help\)"),
     (["--devices", "99"], r"asked for 99 devices; this host has 8"),

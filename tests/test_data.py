@@ -353,6 +353,10 @@ def test_local_copies_refuse_what_is_not_the_hub_layout(tmp_path):
     csv_file.write_text("summary\nx\n")
     with pytest.raises(UserError, match=r"give a .parquet file, a .jsonl file or a directory saved by datasets"):
         load_sentences(f"xsum={csv_file}")
+    jsonl = tmp_path / "x.jsonl"
+    jsonl.write_text(json.dumps({"premise": "a b", "hypothesis": "c d"}) + "\n" + json.dumps({"premise": "e"}) + "\n")
+    with pytest.raises(UserError, match=r"x.jsonl:2: no 'hypothesis' field"):
+        load_sentences(f"snli={jsonl}")
     broken = tmp_path / "broken.parquet"
     broken.write_text("not parquet")
     with pytest.raises(UserError, match=r"cannot read it \(") as err:
@@ -392,7 +396,8 @@ def test_evaluate_a_local_xsum_copy_scores_the_first_summaries_and_accounts_for_
     assert records[1]["truncated_from"] == len(tokenizer(long)["input_ids"]) == 92
     assert len(records[1]["input_ids"]) == 64 and all("truncated_from" not in r for r in records if r["index"] != 1)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_skipped"] == 1 and summary["skipped"] == [{"index": 3, "reason": "1 maskable token, fewer than two"}]
+    assert summary["n_skipped"] == 1
+    assert summary["skipped"] == [{"index": 3, "reason": "1 maskable token, fewer than two"}]
     assert summary["n_truncated"] == 1 and summary["truncated"] == [{"index": 1, "tokens": 92}]
     assert summary["max_tokens"] == 64 and summary["unit"] == "sentence"
     assert ("1 sentence skipped (3: 1 maskable token, fewer than two); 1 sentence cut to the model's maximum of "

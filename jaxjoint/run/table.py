@@ -288,7 +288,8 @@ def table_markdown(table: Table) -> str:
     def render(groups: list, cells: Any) -> list[str]:
         head = [t for t, _ in table.labels] + ["Pairs"]
         head += [f"{_method_label(m)} {title}" for m, cols in groups for _, title in cols]
-        lines = ["| " + " | ".join(head) + " |", "|" + ":--|" * len(table.labels) + "--:|" * (len(head) - len(table.labels))]
+        align = "|" + ":--|" * len(table.labels) + "--:|" * (len(head) - len(table.labels))
+        lines = ["| " + " | ".join(head) + " |", align]
         for i, row in enumerate(table.rows):
             out = [values[i] for _, values in table.labels] + [str(row.n_pairs)]
             out += [cells(row, m, key) for m, cols in groups for key, _ in cols]
@@ -346,7 +347,7 @@ def table_latex(table: Table) -> str:
         widths = [len(cols) for _, cols in groups]
         spec = "l" * len(table.labels) + "r" + "".join("c" * w for w in widths)
         top, rules, start = [""] * n_labels, [], n_labels + 1
-        for (m, cols), w in zip(groups, widths):
+        for (m, _), w in zip(groups, widths):
             top.append(rf"\multicolumn{{{w}}}{{c}}{{{_tex(_method_label(m))}}}")
             rules.append(rf"\cmidrule(lr){{{start}-{start + w - 1}}}")
             start += w
