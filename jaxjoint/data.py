@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -251,17 +250,20 @@ def fasta_records(path: Path) -> list[FastaRecord]:
 
 
 @contextlib.contextmanager
-def _quiet_hub() -> Iterator[None]:
-    """Silence the hub clients' retry warnings: a failure must end in one line."""
-    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
+def _cache_only() -> Iterator[None]:
+    """Within: ``datasets`` and ``huggingface_hub`` read their caches, without a request (and so
+    without the clients' retries), as under ``HF_HUB_OFFLINE``, which they read once at import."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    saved = [(m, m.HF_HUB_OFFLINE) for m in (constants, datasets.config)]
     try:
+        for module, _ in saved:
+            module.HF_HUB_OFFLINE = True
         yield
     finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
+        for module, value in saved:
+            module.HF_HUB_OFFLINE = value
 
 
 def local_copy(data: str) -> tuple[str, str] | None:
@@ -284,7 +286,7 @@ def _fail(name: str, what: str) -> UserError:
 def _hub_rows(name: str) -> Any:
     """The protocol's split of a hub set as a ``datasets.Dataset``, rows in the hub's order.
 
-    Without network the cache is read at once (``hub.unreachable``). A repository that
+    Without network (``hub.unreachable``) the cache alone is read, at once. A repository that
     loads through a script (``datasets`` >= 4 refuses those) is read from the hub's
     Parquet conversion of the same dataset (``PARQUET_REVISION``): the same rows in the
     same order, so ``shuffle(seed=0)`` selects the same sentences.
@@ -296,7 +298,7 @@ def _hub_rows(name: str) -> Any:
     repo, split = HUB_SETS[name], HUB_SPLITS[name]
     why = hub.unreachable()
     if why is not None:
-        with hub.offline(), _quiet_hub():
+        with _cache_only(), hub.quiet():
             for revision in (None, PARQUET_REVISION):
                 try:
                     return datasets.load_dataset(repo, split=split, revision=revision)
@@ -305,13 +307,13 @@ def _hub_rows(name: str) -> Any:
         raise _fail(name, f"the Hugging Face Hub is not reachable ({why}) and {repo} is not in the datasets "
                     "cache; connect once to cache it")
     try:
-        with _quiet_hub():
+        with hub.quiet():
             return datasets.load_dataset(repo, split=split)
     except Exception as err:  # datasets raises many types
         if not _script_refused(err):
             raise _load_failure(name, err) from None
     try:
-        with _quiet_hub():
+        with hub.quiet():
             return datasets.load_dataset(repo, split=split, revision=PARQUET_REVISION)
     except Exception as err:
         raise _fail(name, f"datasets {datasets.__version__} refuses its loading script, and its Parquet "

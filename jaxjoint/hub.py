@@ -1,75 +1,77 @@
-"""Is the Hugging Face Hub reachable now: one quick request instead of the clients' retries.
+"""Reaching the Hugging Face hub: at once, or in one line within seconds.
 
-``huggingface_hub`` retries a request that cannot connect five times with backoff
-(1, 2, 4, 8, 8 s), and ``datasets`` reaches the hub several times per load, so a
-machine without network waits about 25 s, printing retry lines, before it fails.
-``unreachable`` asks once, within a short deadline, through the hub client's own
-HTTP session (so its proxy and endpoint settings apply); ``offline`` then makes
-the clients read their caches only, at once.
+The hub clients retry a failed connection for about 25 s, printing a "Retrying
+in 8s" line each time, before they give up. jaxjoint looks first whether the
+hub's host (or the HTTPS proxy) accepts a TCP connection within
+``TIMEOUT_S``; when it does not, only the local cache is read, so a model or data
+set downloaded earlier still loads offline and anything else fails in one line.
+With ``HF_HUB_OFFLINE`` set, the network is not tried at all. The online path is
+the clients' own, with their retry warnings silenced (``quiet``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import socket
 import threading
 from collections.abc import Iterator
+from urllib.parse import urlsplit
 
-TIMEOUT_S = 3.0  # a HEAD of the hub's front page answers in well under a second when it is reachable
+TIMEOUT_S = 3.0
+_TRUE = ("1", "on", "yes", "true")
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (or ``HF_DATASETS_OFFLINE``) asks for no network."""
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def endpoint() -> tuple[str, int]:
+    """(host, port) a hub request connects to first: the HTTPS proxy when one is set
+    (``HTTPS_PROXY``), else the hub (``HF_ENDPOINT``, default huggingface.co)."""
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    url = urlsplit(proxy if proxy else os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if not url.hostname:  # a proxy given as host:port without a scheme
+        url = urlsplit(f"http://{proxy}")
+    return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
 
 def unreachable(timeout: float = TIMEOUT_S) -> str | None:
-    """Why the hub cannot be reached now, in a few words, or None when it answers.
-
-    Offline mode (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``) counts as unreachable
-    without asking. Any HTTP answer, an error status included, means reachable:
-    what a status means is left to the call that follows. The whole check, name
-    lookup included (which no HTTP timeout bounds), takes at most ``timeout`` seconds.
-    """
-    from huggingface_hub import constants
-    from huggingface_hub.utils import get_session
-
-    if constants.is_offline_mode() or _datasets_offline():
-        return "offline mode is set (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE)"
+    """None when the hub (``endpoint``) accepts a TCP connection within ``timeout``
+    seconds; otherwise why not, as a few words ("offline: HF_HUB_OFFLINE is set",
+    "huggingface.co:443: Name or service not known", "... no answer in 3 s")."""
+    if offline():
+        return "offline: HF_HUB_OFFLINE is set"
+    host, port = endpoint()
     outcome: list[str | None] = []
 
-    def ask() -> None:
+    def connect() -> None:
         try:
-            get_session().head(constants.ENDPOINT, timeout=timeout, follow_redirects=False)
+            socket.create_connection((host, port), timeout=timeout).close()
             outcome.append(None)
-        except Exception as err:  # httpx raises many types for "no answer"
-            outcome.append(" ".join(str(err).split()) or type(err).__name__)
+        except OSError as err:
+            outcome.append(err.strerror or type(err).__name__)
 
-    # A daemon thread: a name lookup that hangs past the deadline is left behind, not waited for.
-    thread = threading.Thread(target=ask, name="jaxjoint-hub-check", daemon=True)
-    thread.start()
-    thread.join(timeout)
+    # The name lookup inside create_connection has no timeout of its own.
+    probe = threading.Thread(target=connect, daemon=True)
+    probe.start()
+    probe.join(timeout)
     if not outcome:
-        return f"{constants.ENDPOINT} does not answer within {timeout:g} s"
-    return None if outcome[0] is None else f"{constants.ENDPOINT} does not answer ({outcome[0]})"
-
-
-def _datasets_offline() -> bool:
-    value = os.environ.get("HF_DATASETS_OFFLINE", "")
-    return value.upper() in ("1", "ON", "YES", "TRUE")
+        return f"{host}:{port}: no answer in {timeout:g} s"
+    return None if outcome[0] is None else f"{host}:{port}: {outcome[0]}"
 
 
 @contextlib.contextmanager
-def offline() -> Iterator[None]:
-    """Within: ``huggingface_hub`` and ``datasets`` read their caches only, without a request."""
-    from huggingface_hub import constants
-
-    saved = [(constants, "HF_HUB_OFFLINE", constants.HF_HUB_OFFLINE)]
+def quiet() -> Iterator[None]:
+    """Silence the hub clients' retry warnings: a failure must end in one line."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
-        import datasets.config
-    except ImportError:
-        pass
-    else:
-        saved.append((datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE))
-    try:
-        for module, name, _ in saved:
-            setattr(module, name, True)
         yield
     finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)

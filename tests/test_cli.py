@@ -241,7 +241,7 @@ def test_shipped_configs():
 
 def test_train_mlm_is_a_subcommand():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    assert set(sub.choices) == {"evaluate", "pair", "plan", "plot", "train-mlm"}  # plan: issue 13
+    assert set(sub.choices) == {"evaluate", "pair", "plan", "plot", "table", "train-mlm"}  # plan: issue 13; table: 22
 
 
 # --- pair, plot -------------------------------------------------------------------------------------
