@@ -177,14 +177,18 @@ def test_markdown_latex_and_png(runs, tmp_path, capsys):
 def test_settings_that_differ_become_columns(tmp_path):
     a = fake_run(tmp_path / "a", n=10, seed=1)
     b = fake_run(tmp_path / "b", n=10, seed=1, extra={"dtype": "bfloat16"})
-    c = fake_run(tmp_path / "c", n=10, seed=1)
-    config = yaml.safe_load((c / "config.yaml").read_text())
-    (c / "config.yaml").write_text(yaml.safe_dump({**config, "matmul_precision": "bfloat16"}))
-    table = make_table([a, b, c], resamples=100)
+    c = fake_run(tmp_path / "c", n=10, seed=1, extra={"matmul_precision": "tensorfloat32"})
+    old = fake_run(tmp_path / "old", n=10, seed=1)  # written before matmul_precision existed
+    config = yaml.safe_load((old / "config.yaml").read_text())
+    del config["matmul_precision"]
+    (old / "config.yaml").write_text(yaml.safe_dump(config))
+    table = make_table([a, b, c, old], resamples=100)
     labels = dict(table.labels)
-    assert labels["dtype"] == ["float32", "bfloat16", "float32"]
-    assert labels["precision"] == ["float32", "float32", "bfloat16"]  # absent: float32
-    assert "seed" not in labels and "Run" not in labels
+    assert labels["dtype"] == ["float32", "bfloat16", "float32", "float32"]
+    assert labels["precision"] == ["float32", "bfloat16", "tensorfloat32", "float32"]  # absent: float32
+    assert "seed" not in labels
+    assert labels["Run"] == ["a", "b", "c", "old"]  # a and old have the same settings: told apart by directory
+    assert "Run" not in dict(make_table([a, b, c], resamples=100).labels)
     same = make_table([a, fake_run(tmp_path / "a2", n=10, seed=4)], resamples=100)
     assert dict(same.labels)["Run"] == ["a", "a2"]  # identical settings: told apart by directory
 

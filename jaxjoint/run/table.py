@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from jaxjoint.config import matmul_precision_of
 from jaxjoint.errors import UserError
 from jaxjoint.joints import LABELS
 from jaxjoint.metrics import aggregate
@@ -65,7 +66,8 @@ class Estimate:
 class RunRow:
     """One finished run in the table.
 
-    settings: its ``config.yaml`` (``matmul_precision`` "float32" when absent).
+    settings: its ``config.yaml`` (``matmul_precision`` as ``config.matmul_precision_of`` reads it:
+      a run written before the key existed computed float32 products).
     estimates: ``{(method, metric): Estimate}``, with ``(UNARY, "u_ppl")``.
     versus: ``{(method, metric): Estimate}`` of method − AG; empty without AG.
     """
@@ -186,7 +188,7 @@ def run_row(directory: str | Path, *, resamples: int = RESAMPLES, seed: int = 0)
             for key, *_ in METRICS:
                 low, high = interval(stats[m, key] - stats[REFERENCE, key])
                 versus[m, key] = Estimate(values[m, key] - values[REFERENCE, key], float(low), float(high))
-    settings = {**config, "matmul_precision": config.get("matmul_precision", "float32")}
+    settings = {**config, "matmul_precision": matmul_precision_of(config)}
     return RunRow(Path(directory), settings, len(records), methods, estimates, versus)
 
 
