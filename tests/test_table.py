@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -165,6 +166,14 @@ def test_markdown_latex_and_png(runs, tmp_path, capsys):
     assert text.count(r"\begin{tabular}") == 2 and all(rule in text for rule in (r"\toprule", r"\midrule",
                                                                                    r"\bottomrule", r"\cmidrule"))
     assert r"\multicolumn{4}{c}{HCB}" in text and "default-news" in text
+    assert text.count("{") == text.count("}")
+    for block in text.split(r"\begin{tabular}{")[1:]:  # every row has as many cells as the column spec
+        spec, body = block.split("}", 1)
+        rows = [line for line in body.split(r"\end{tabular}")[0].splitlines() if line.endswith(r"\\")]
+        assert len(rows) == 2 + len(runs)  # the group titles, the metric titles, a row per run
+        for row in rows:
+            spans = [int(w) for w in re.findall(r"\\multicolumn\{(\d+)\}", row)]
+            assert row.count(" & ") + 1 + sum(spans) - len(spans) == len(spec)
     png = tmp_path / "t.png"
     assert main(["table", *map(str, runs), "--output", str(png), "--resamples", "200"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -227,8 +236,6 @@ def test_refusals_are_one_line_and_write_nothing(tmp_path, capsys, breakage, mes
     assert main(["table", str(good), str(bad), "--output", str(out)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("jaxjoint: error: ")
-    import re
-
     assert re.search(message, err)
     assert out.read_text() == "old\n" and [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 

@@ -119,7 +119,10 @@ def read_run(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any], lis
         raise UserError(f"cannot read {directory}'s config.yaml or summary.json ({type(err).__name__})") from None
     if not isinstance(config, dict) or not isinstance(summary, dict) or "methods" not in summary:
         raise UserError(f"{directory} is not a jaxjoint run (its config.yaml or summary.json is not one)")
-    records = list({r["index"]: r for r in read_pairs(directory / PAIRS_FILE)[0]}.values())
+    first: dict[int, dict[str, Any]] = {}
+    for r in read_pairs(directory / PAIRS_FILE)[0]:
+        first.setdefault(r["index"], r)  # a sentence recorded twice counts once, as evaluate keeps it
+    records = list(first.values())
     if len(records) != summary.get("n_pairs"):
         raise UserError(f"{directory} is not finished: pairs.jsonl holds {len(records)} pairs, summary.json "
                         f"{summary.get('n_pairs')}; run its jaxjoint evaluate command again to finish it")
@@ -137,6 +140,9 @@ def read_run(directory: str | Path) -> tuple[dict[str, Any], dict[str, Any], lis
             if recomputed[m][key] != summary["methods"][m][key]:
                 raise UserError(f"{directory}: summary.json's {m} {key} is not that of pairs.jsonl; "
                                 "run its jaxjoint evaluate command again to rewrite the summary")
+    if recomputed[methods[0]]["mlm_unary_u_ppl"] != summary.get("mlm_unary_u_ppl"):
+        raise UserError(f"{directory}: summary.json's mlm_unary_u_ppl is not that of pairs.jsonl; "
+                        "run its jaxjoint evaluate command again to rewrite the summary")
     return config, summary, records
 
 
@@ -193,7 +199,7 @@ def run_row(directory: str | Path, *, resamples: int = RESAMPLES, seed: int = 0)
 
 
 def make_table(directories: Sequence[str | Path], *, resamples: int = RESAMPLES, seed: int = 0) -> Table:
-    """The table of the finished runs in ``directories`` (in that order).
+    """The table of the finished runs in ``directories`` (in that order; methods in the first run's order).
 
     ``UserError`` (one line) when a directory is not a finished run or the runs
     do not have the same methods.
@@ -202,7 +208,7 @@ def make_table(directories: Sequence[str | Path], *, resamples: int = RESAMPLES,
         raise UserError("give at least one run directory")
     rows = [run_row(d, resamples=resamples, seed=seed) for d in directories]
     for row in rows[1:]:
-        if row.methods != rows[0].methods:
+        if set(row.methods) != set(rows[0].methods):
             raise UserError(f"the runs have different methods ({rows[0].directory}: {','.join(rows[0].methods)}; "
                             f"{row.directory}: {','.join(row.methods)}); a table compares runs of the same methods")
     return Table(rows, _labels(rows), rows[0].methods, resamples, seed)
