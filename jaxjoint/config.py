@@ -274,6 +274,9 @@ def default_out(config: EvalConfig) -> str:
     directory would be refused).
     """
     def name(value: str) -> str:
+        copy = local_copy(value)
+        if copy is not None:  # snli=PATH: named after both, so that copies of the two sets do not collide
+            return f"{copy[0]}-{name(copy[1])}"
         return Path(value.rstrip("/")).stem.replace("/", "-") or value
 
     return str(Path("runs") / f"{name(config.model)}_{name(config.data)}_{config.masking}")

@@ -373,6 +373,7 @@ def test_local_copy_path_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = resolve_config({"data": "xsum=copies/val.parquet"})
     assert config.data == f"xsum={tmp_path / 'copies' / 'val.parquet'}" and config.max_sentences is None
+    assert config.out == str(tmp_path / "runs" / "default_xsum-val_random")
 
 
 @pytest.mark.slow

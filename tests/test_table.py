@@ -253,7 +253,7 @@ def test_two_runs_of_the_embedded_model(tmp_path):
     runs = []
     for data in ("default", "default-news"):
         out = tmp_path / data
-        evaluate(resolve_config({"data": data, "max_sentences": 6, "methods": "mlm,hcb,ag", "out": str(out)}),
+        evaluate(resolve_config({"data": data, "max_sentences": 4, "methods": "mlm,hcb,ag", "out": str(out)}),
                  quiet=True)
         runs.append(out)
     csv_path = tmp_path / "t.csv"
