@@ -20,13 +20,17 @@ Record = dict[str, Any]
 
 
 def summarize(config: EvalConfig, records: Sequence[Record], skipped: Sequence[Skipped], *,
-              unit: str = "sentence", max_length: int | None = None) -> dict[str, Any]:
+              unit: str = "sentence", max_length: int | None = None,
+              truncated: Sequence[tuple[int, int]] | None = None) -> dict[str, Any]:
     """The ``summary.json`` content from the records of a finished run.
 
     skipped: the sentences without a pair (``data.make_pairs``); unit: what the data
     holds, ``sentence`` or ``sequence`` (proteins); max_length: the model's maximum
-    in tokens, to which the records with ``truncated_from`` were cut.
+    in tokens; truncated: ``(index, whole length)`` of each sentence cut to it (default:
+    the records' ``truncated_from``, which records from before that field lack).
     """
+    if truncated is None:
+        truncated = [(r["index"], r["truncated_from"]) for r in records if "truncated_from" in r]
     flat = [
         {"method": m, **values, "mlm_unary_u_nll": r["mlm_unary_u_nll"]}
         for r in records for m, values in r["metrics"].items()
@@ -39,8 +43,8 @@ def summarize(config: EvalConfig, records: Sequence[Record], skipped: Sequence[S
         "n_skipped": len(skipped),
         "skipped": [{"index": s.index, "reason": s.reason} for s in skipped],
         "max_tokens": max_length,
-        "n_truncated": sum("truncated_from" in r for r in records),
-        "truncated": [{"index": r["index"], "tokens": r["truncated_from"]} for r in records if "truncated_from" in r],
+        "n_truncated": len(truncated),
+        "truncated": [{"index": index, "tokens": tokens} for index, tokens in truncated],
         "methods": {m: {k: per_method[m][k] for k in ("p_ppl", "u_ppl", "kl_gold", "kl_all")}
                     for m in config.methods},
         "mlm_unary_u_ppl": per_method[config.methods[0]]["mlm_unary_u_ppl"],  # the same for every method

@@ -98,7 +98,8 @@ def _run(config: EvalConfig, rundir: RunDir, procs: Processes, quiet: bool) -> d
         progress.close()
 
     summary = summarize(config, [finished[p.index] for p in run.pairs], run.skipped, unit=run.unit,
-                        max_length=max_tokens(run.mlm.config))
+                        max_length=max_tokens(run.mlm.config),
+                        truncated=[(p.index, p.truncated_from) for p in run.pairs if p.truncated_from is not None])
     if procs.leader:
         rundir.sort_pairs()
         rundir.write_files(summary_files(summary))
