@@ -296,7 +296,7 @@ def _hub_rows(name: str) -> Any:
     from jaxjoint import hub
 
     repo, split = HUB_SETS[name], HUB_SPLITS[name]
-    why = hub.unreachable()
+    why = hub.unreachable(datasets=True)
     if why is not None:
         with _cache_only(), hub.quiet():
             for revision in (None, PARQUET_REVISION):

@@ -23,9 +23,10 @@ TIMEOUT_S = 3.0
 _TRUE = ("1", "on", "yes", "true")
 
 
-def offline() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` (or ``HF_DATASETS_OFFLINE``) asks for no network."""
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+def offline(*, datasets: bool = False) -> bool:
+    """Whether ``HF_HUB_OFFLINE`` (for a data set, ``HF_DATASETS_OFFLINE`` too) asks for no network."""
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
+    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in names)
 
 
 def endpoint() -> tuple[str, int]:
@@ -38,12 +39,13 @@ def endpoint() -> tuple[str, int]:
     return url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
 
 
-def unreachable(timeout: float = TIMEOUT_S) -> str | None:
+def unreachable(timeout: float = TIMEOUT_S, *, datasets: bool = False) -> str | None:
     """None when the hub (``endpoint``) accepts a TCP connection within ``timeout``
     seconds; otherwise why not, as a few words ("offline: HF_HUB_OFFLINE is set",
-    "huggingface.co:443: Name or service not known", "... no answer in 3 s")."""
-    if offline():
-        return "offline: HF_HUB_OFFLINE is set"
+    "huggingface.co:443: Name or service not known", "... no answer in 3 s").
+    ``datasets``: for a data set, where ``HF_DATASETS_OFFLINE`` counts too."""
+    if offline(datasets=datasets):
+        return "offline: HF_HUB_OFFLINE is set" if offline() else "offline: HF_DATASETS_OFFLINE is set"
     host, port = endpoint()
     outcome: list[str | None] = []
 
