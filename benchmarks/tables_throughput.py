@@ -22,7 +22,7 @@ import numpy as np
 from benchmarks.common import machine, measured_matmul_peak, model_shape, print_table, time_call, write_json
 from jaxjoint.flops import sequence_flops
 from jaxjoint.models.families import masked_lm_module
-from jaxjoint.models.mlm import DTYPES, random_params
+from jaxjoint.models.mlm import DTYPES, ModuleApply, random_params
 from jaxjoint.sharding import make_mesh, mesh_size, padded_size, replicated
 from jaxjoint.tables import bucket_length, substitution_table
 
@@ -80,7 +80,8 @@ def run(shape: str, length: int, rows: int | None, dtype: str, chunk: int, basel
 
     results = []
     variants = [("jaxjoint: last layer and head at masked position", lambda: substitution_table(
-        module, params, ids, mask, a, b, mask_id, mesh=mesh, n_chunks=n_chunks, chunk=-(-local // n_chunks),
+        ModuleApply(module), params, ids, mask, a, b, mask_id, vocab=config.vocab_size, mesh=mesh,
+        n_chunks=n_chunks, chunk=-(-local // n_chunks),
         rows=rows))]
     if baseline:
         base_params = jax.device_put(params, jax.devices()[0])

@@ -17,18 +17,16 @@ import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from jaxjoint import ids
 from jaxjoint.errors import UserError
-from jaxjoint.models.checkpoint import Params
 from jaxjoint.models.config import EncoderConfig
-from jaxjoint.models.mlm import MaskedLM, mlm_logits
-from jaxjoint.models.precision import platform_of
+from jaxjoint.models.protocol import ApplyFn, MLMProtocol
 from jaxjoint.sharding import VOCAB_AXIS, local_mesh, mesh_size, padded_size, replicated, row_sharding
 
 
@@ -234,16 +232,17 @@ def chunking(rows: int, max_chunk: int) -> tuple[int, int]:
     return n_chunks, min(max_chunk, rows, math.ceil(even / CHUNK_STEP) * CHUNK_STEP)
 
 
-@functools.partial(jax.jit, static_argnames=("module", "mesh", "n_chunks", "chunk", "rows"))
+@functools.partial(jax.jit, static_argnames=("apply_fn", "vocab", "mesh", "n_chunks", "chunk", "rows"))
 def substitution_table(
-    module: nn.Module,
-    params: Params,
+    apply_fn: ApplyFn,
+    params: Any,
     input_ids: jax.Array,
     attention_mask: jax.Array,
     read_pos: jax.Array,
     sub_pos: jax.Array,
     mask_id: jax.Array,
     *,
+    vocab: int,
     mesh: Mesh,
     n_chunks: int,
     chunk: int,
@@ -252,12 +251,12 @@ def substitution_table(
     """float32[rows, V]: row t is the logits at ``read_pos`` with ``read_pos`` = [MASK]
     and ``sub_pos`` = token t. Rows ``t >= V`` (padding) are ``-inf``.
 
-    ``rows`` is V padded for the mesh (``padded_size``); each device computes its own
+    ``apply_fn``: the model (``MLMProtocol.apply_for``), V = ``vocab``. ``rows`` is V
+    padded for the mesh (``padded_size``); each device computes its own
     block of rows in ``n_chunks`` chunks of ``chunk`` sequences (``chunking``) built on
     the device from the one sentence ``input_ids`` int[L], writing each chunk in
     place. No communication: parameters are replicated.
     """
-    vocab = module.config.vocab_size
     local_rows = rows // mesh_size(mesh)
 
     def local_block(params, input_ids, attention_mask, read_pos, sub_pos, mask_id):
@@ -270,7 +269,7 @@ def substitution_table(
             ids = ids.at[:, sub_pos].set(jnp.where(values < vocab, values, 0))
             mask = jnp.tile(attention_mask[None], (chunk, 1))
             positions = jnp.full((chunk, 1), read_pos, jnp.int32)
-            logits = module.apply({"params": params}, ids, mask, positions)[:, 0]
+            logits = model_logits(apply_fn, params, ids, mask, positions, vocab)[:, 0]
             return jnp.where((values < vocab)[:, None], logits, -jnp.inf)
 
         def write_chunk(k, table):
@@ -289,6 +288,26 @@ def substitution_table(
         out_specs=P(VOCAB_AXIS),
         check_vma=False,
     )(params, input_ids, attention_mask, read_pos, sub_pos, mask_id)
+
+
+def model_logits(apply_fn: ApplyFn, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array, vocab: int) -> jax.Array:
+    """float32[B, K, V]: ``apply_fn``'s logits, its shape checked while tracing (a
+    model whose V is not the one it declared would fill the tables wrongly)."""
+    logits = apply_fn(params, input_ids, attention_mask, positions)
+    expected = (*positions.shape, vocab)
+    if tuple(logits.shape) != expected:
+        raise UserError(f"the model's function returned logits of shape {tuple(logits.shape)} for "
+                        f"positions of shape {tuple(positions.shape)}; expected {expected} (its vocab_size is {vocab})")
+    return logits.astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "vocab"))
+def masked_logits(apply_fn: ApplyFn, params: Any, input_ids: jax.Array, attention_mask: jax.Array,
+                  positions: jax.Array, *, vocab: int) -> jax.Array:
+    """The pass with both positions masked: int[B, L], int[B, L], int[B, K] ->
+    float32[B, K, V] (``model_logits`` jitted)."""
+    return model_logits(apply_fn, params, input_ids, attention_mask, positions, vocab)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "vocab"), donate_argnames=("rows_b", "logits_b"))
@@ -317,7 +336,7 @@ def assemble_tables(rows_b: jax.Array, logits_b: jax.Array, both_a: jax.Array, b
 
 
 def pair_tables(
-    mlm: MaskedLM,
+    mlm: MLMProtocol,
     input_ids: Any,
     a: int,
     b: int,
@@ -328,19 +347,23 @@ def pair_tables(
 ) -> PairTables:
     """The MLM's conditional tables at positions ``a`` and ``b`` of one sentence.
 
+    mlm: a ``MaskedLM`` (``load_mlm``) or any ``MLMProtocol``, e.g. your own JAX
+      model as a ``FunctionMLM``.
     input_ids: int[L], the sentence with special tokens and gold tokens in place.
-    a, b: distinct positions in ``[0, L)``.
+    a, b: distinct positions in ``[0, L)``, neither holding a special token
+      ([CLS], [SEP]: ``mlm.special_token_ids``), as ``jaxjoint pair`` requires.
     mesh: a 1-D mesh over ``VOCAB_AXIS`` (``sharding.make_mesh()``); default one device
       (``sharding.local_mesh(1)``).
-    chunk_size: sequences per device per step; default ``planned_chunk_size``: on a
-      GPU or TPU the largest whose compiled programs fit the device's memory beside
-      one more pair's tables, the same a run takes.
+    chunk_size: sequences per device per step; default ``mlm.planned_chunk``: for a
+      checkpoint on a GPU or TPU the largest whose compiled programs fit the device's
+      memory beside one more pair's tables, the same a run takes.
     dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; default ``mlm.dtype``.
 
     Runs 2·V + 1 forward passes (each with the head only at the masked position)
     and returns ``PairTables`` with rows padded to a multiple of 8 per device
     (``sharding.padded_size``) and sharded over the mesh. Raises ``UserError`` for
-    bad positions or ids, or when a pair's tables cannot fit the devices.
+    bad positions or ids (Python, NumPy or JAX values), or when a pair's tables
+    cannot fit the devices.
     """
     return _dispatch(mlm, _pad_to_bucket(mlm, input_ids, a, b), mesh=mesh, chunk_size=chunk_size, dtype=dtype)
 
@@ -355,56 +378,74 @@ class _Padded:
     b: int
 
 
-def _pad_to_bucket(mlm: MaskedLM, input_ids: Any, a: int, b: int) -> _Padded:
-    ids = np.asarray(input_ids, dtype=np.int32)
-    if ids.ndim != 1:
-        raise ValueError(f"input_ids must be one sentence, int[L]; got shape {ids.shape}")
-    length = ids.shape[0]
+def _pad_to_bucket(mlm: MLMProtocol, input_ids: Any, a: Any, b: Any) -> _Padded:
+    if ids.is_traced((input_ids, a, b)):
+        raise UserError("pair_tables runs its own compiled programs: give it concrete ids and positions, "
+                        "not values traced by jax.jit or vmap")
+    ids.check_range(input_ids, mlm.vocab_size, "input_ids")
+    tokens = np.asarray(input_ids, dtype=np.int32)
+    if tokens.ndim != 1:
+        raise ValueError(f"input_ids must be one sentence, int[L]; got shape {tokens.shape}")
+    length = tokens.shape[0]
+    for position in (a, b):
+        ids.bounds(position, "positions")
+        if np.ndim(position) != 0:
+            raise UserError(f"positions must be two ints; got an array of shape {np.shape(position)}")
     a, b = int(a), int(b)
     if a == b or not (0 <= a < length and 0 <= b < length):
         raise UserError(f"positions must be two distinct indices in [0, {length}); got {a} and {b}")
-    if ids.min() < 0 or ids.max() >= mlm.vocab_size:
-        raise UserError(f"input_ids hold ids outside the vocabulary [0, {mlm.vocab_size})")
-    bucket = bucket_length(length, mlm.config.max_positions)
-    padded = np.full(bucket, mlm.config.pad_token_id, np.int32)
-    padded[:length] = ids
+    for position in (a, b):
+        if int(tokens[position]) in mlm.special_token_ids:
+            raise UserError(f"position {position} is the special token {_token_name(mlm, tokens[position])}; "
+                            "choose a word position")
+    limit = mlm.max_positions if mlm.max_positions is not None else max(length, 1)
+    bucket = bucket_length(length, limit)
+    padded = np.full(bucket, mlm.pad_token_id, np.int32)
+    padded[:length] = tokens
     mask = (np.arange(bucket) < length).astype(np.int32)
     return _Padded(padded, mask, a, b)
 
 
-def _dispatch(mlm: MaskedLM, prep: _Padded, *, mesh: Mesh | None, chunk_size: int | None,
+def _token_name(mlm: MLMProtocol, token: int) -> str:
+    """``[CLS] (id 2)``, or ``id 2`` without a tokenizer."""
+    tokenizer = getattr(mlm, "tokenizer", None)
+    if tokenizer is None:
+        return f"id {int(token)}"
+    return f"{tokenizer.convert_ids_to_tokens(int(token))} (id {int(token)})"
+
+
+def _dispatch(mlm: MLMProtocol, prep: _Padded, *, mesh: Mesh | None, chunk_size: int | None,
               dtype: str | None, prefetch: int = PREFETCH) -> PairTables:
     """Queue the device work for one prepared sentence; returns without waiting.
     ``prefetch``: pairs held on the devices meanwhile (for the chunk's budget)."""
     mesh = local_mesh(1) if mesh is None else mesh
     model = mlm if dtype is None else mlm.with_dtype(dtype)
-    vocab = mlm.vocab_size
+    vocab = model.vocab_size
     rows = padded_size(vocab, mesh)
     if chunk_size is None:
-        chunk_size = planned_chunk_size(mesh, mlm.config, prep.input_ids.shape[0], model.dtype, prefetch=prefetch,
-                                        matmul_precision=model.matmul_precision)
+        chunk_size = model.planned_chunk(mesh, prep.input_ids.shape[0], prefetch)
     n_chunks, chunk = chunking(rows // mesh_size(mesh), chunk_size)
 
-    module = model.module_for(platform_of(mesh.devices.flat[0]))
-    params = mlm.params_on(replicated(mesh))
-    ids = jnp.asarray(prep.input_ids)
+    apply_fn = model.apply_for(mesh)
+    params = model.params_on(replicated(mesh))
+    input_ids = jnp.asarray(prep.input_ids)
     mask = jnp.asarray(prep.attention_mask)
-    mask_id = jnp.int32(mlm.mask_token_id)
+    mask_id = jnp.int32(model.mask_token_id)
     a, b = jnp.int32(prep.a), jnp.int32(prep.b)
     run = functools.partial(
-        substitution_table, module, params, ids, mask,
-        mesh=mesh, n_chunks=n_chunks, chunk=chunk, rows=rows)
+        substitution_table, apply_fn, params, input_ids, mask,
+        vocab=vocab, mesh=mesh, n_chunks=n_chunks, chunk=chunk, rows=rows)
     rows_b = run(a, b, mask_id)  # [b_val, a_val]: A masked, B substituted, read at A
     logits_b = run(b, a, mask_id)  # [a_val, b_val]: B masked, A substituted, read at B
-    both = mlm_logits(
-        module, params,
-        ids.at[prep.a].set(mask_id).at[prep.b].set(mask_id)[None], mask[None],
-        jnp.array([[prep.a, prep.b]], jnp.int32))[0]
+    both = masked_logits(
+        apply_fn, params,
+        input_ids.at[prep.a].set(mask_id).at[prep.b].set(mask_id)[None], mask[None],
+        jnp.array([[prep.a, prep.b]], jnp.int32), vocab=vocab)[0]
     return assemble_tables(rows_b, logits_b, both[0], both[1], mesh=mesh, vocab=vocab)
 
 
 def iter_pair_tables(
-    mlm: MaskedLM,
+    mlm: MLMProtocol,
     pairs: Iterable[tuple[Any, int, int]],
     *,
     mesh: Mesh | None = None,
@@ -424,31 +465,80 @@ def iter_pair_tables(
     device buffers are then deleted, before the next pair is queued, so that no more
     than ``prefetch`` pairs are held while one is computed (a caller's loop
     variable would otherwise keep the last one alive). Keep what you need from it
-    (metrics, ``jax.device_get``) before asking for the next.
+    (metrics, ``jax.device_get``) before asking for the next; using it afterwards
+    (or a ``Joint`` derived from it) raises ``UserError`` naming this rule. An
+    invalid pair raises ``UserError`` when its turn comes, after the pairs before
+    it are handed out.
     """
     queue: collections.deque[PairTables] = collections.deque()
     handed: PairTables | None = None
+    error: UserError | None = None
 
     def hand_out() -> PairTables:
         nonlocal handed
         handed = queue.popleft()
         return handed
 
-    for input_ids, a, b in pairs:
-        prep = _pad_to_bucket(mlm, input_ids, a, b)
+    for index, (input_ids, a, b) in enumerate(pairs):
+        try:
+            prep = _pad_to_bucket(mlm, input_ids, a, b)
+        except UserError as err:
+            error = UserError(f"pair {index} of the stream: {err}")
+            break
         if handed is not None:
-            _delete(handed)
+            _free(handed)
             handed = None
         queue.append(_dispatch(mlm, prep, mesh=mesh, chunk_size=chunk_size, dtype=dtype, prefetch=prefetch))
         if len(queue) > prefetch:
             yield hand_out()
     while queue:
         if handed is not None:
-            _delete(handed)
+            _free(handed)
         yield hand_out()
+    if handed is not None:
+        _free(handed)
+    if error is not None:
+        raise error
 
 
-def _delete(tables: PairTables) -> None:
-    """Free ``tables``' device buffers now (the caller may still hold the object)."""
-    for leaf in jax.tree.leaves(tables):
-        leaf.delete()
+FREED = ("these PairTables were freed: iter_pair_tables frees each pair's tables (and what joints read "
+         "from them) when the next pair is asked for; keep what you need from a pair (metrics, "
+         "jax.device_get) before asking for the next, or use pair_tables")
+
+
+class _Freed:
+    """Stands in for a field of ``PairTables`` that ``iter_pair_tables`` freed: any
+    use (an attribute, an index, a conversion, a jitted call that reads it) is one
+    ``UserError`` naming the rule, not JAX's "Array has been deleted"."""
+
+    __slots__ = ()
+
+    def is_deleted(self) -> bool:
+        return True
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise UserError(FREED)
+
+    def __getattr__(self, name: str) -> Any:
+        raise UserError(FREED)
+
+    def __repr__(self) -> str:
+        return "<freed by iter_pair_tables>"
+
+    __array__ = __jax_array__ = __getitem__ = __iter__ = __len__ = __float__ = __int__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __neg__ = _refuse
+
+
+# A pytree without leaves: a jitted function given freed tables traces, and refuses
+# when it reads them, instead of failing on a leaf that is not an array.
+jax.tree_util.register_pytree_node(_Freed, lambda _: ((), None), lambda _aux, _children: _Freed())
+
+
+def _free(tables: PairTables) -> None:
+    """Free ``tables``' device buffers now; the caller may still hold the object,
+    whose fields then refuse any use (``_Freed``)."""
+    for field in dataclasses.fields(tables):
+        leaf = getattr(tables, field.name)
+        if isinstance(leaf, jax.Array):
+            leaf.delete()
+            object.__setattr__(tables, field.name, _Freed())

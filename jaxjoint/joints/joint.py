@@ -19,11 +19,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.typing import ArrayLike
 
+from jaxjoint import ids
 from jaxjoint.errors import UserError
+from jaxjoint.ids import check_range, is_traced
 from jaxjoint.joints import ag
 from jaxjoint.joints.cells import Normaliser, block_cell, log_cell
 from jaxjoint.joints.streaming import default_block_rows, kl_sum, normalisers, row_col_lse, sharded_take
@@ -62,9 +63,10 @@ class Joint:
       norm_a: ``Normaliser`` of float32[V]: logsumexp over a of ``logits_a[:, b]``.
       norm_b: ``Normaliser`` of float32[Vp]: logsumexp over b of ``logits_b[a, :]``.
       row: float32[Vp]; col: float32[V]; log_z: float32[] (see above).
-      info: method-specific scalars: ag has ``iters`` (int32), ``delta``
-        (L1 change of the two marginals in the last iteration) and ``objective``
-        (J(p) of DESIGN.md §1); hcb has ``pivot``.
+      info_arrays: method-specific float32[]/int32[] arrays: ag has ``iters``,
+        ``delta`` (L1 change of the two marginals in the last iteration) and
+        ``objective`` (J(p) of DESIGN.md §1); hcb has ``pivot``. ``info`` reads
+        them as Python numbers.
       method, mesh: static.
     """
 
@@ -74,7 +76,7 @@ class Joint:
     row: jax.Array
     col: jax.Array
     log_z: jax.Array
-    info: dict[str, jax.Array]
+    info_arrays: dict[str, jax.Array]
     method: str = dataclasses.field(metadata=dict(static=True))
     mesh: Mesh = dataclasses.field(metadata=dict(static=True))
 
@@ -84,29 +86,44 @@ class Joint:
 
     def log_prob(self, a_val: ArrayLike, b_val: ArrayLike) -> jax.Array:
         """``log p(a, b)`` for int tokens (or broadcastable int arrays) a_val, b_val
-        in [0, V); float32 of their broadcast shape."""
-        return _log_prob(self, self._tokens(a_val), self._tokens(b_val))
+        in [0, V); float32 of their broadcast shape.
+
+        Ids are checked whatever their type: a Python int, a NumPy value or a
+        concrete JAX array outside [0, V) (padding rows included) is a one-line
+        ``UserError``. Under ``jax.jit``/``vmap``, where ids are abstract, the
+        result is NaN wherever an id is invalid: never another token's value.
+        """
+        a_val, b_val = self._tokens(a_val, "a_val"), self._tokens(b_val, "b_val")
+        return _log_prob(self, a_val, b_val)
 
     def log_cond_a(self, b_val: ArrayLike) -> jax.Array:
-        """float32[V]: ``log p(a | b)`` over a, for one int token b_val."""
-        return _log_cond_a(self, self._tokens(b_val))
+        """float32[V]: ``log p(a | b)`` over a, for one int token b_val in [0, V)
+        (checked as in ``log_prob``; all NaN for an invalid traced id)."""
+        return _log_cond_a(self, self._tokens(b_val, "b_val"))
 
     def log_cond_b(self, a_val: ArrayLike) -> jax.Array:
-        """float32[V]: ``log p(b | a)`` over b, for one int token a_val."""
-        return _log_cond_b(self, self._tokens(a_val))
+        """float32[V]: ``log p(b | a)`` over b, for one int token a_val in [0, V)
+        (checked as in ``log_prob``; all NaN for an invalid traced id)."""
+        return _log_cond_b(self, self._tokens(a_val, "a_val"))
 
-    def _tokens(self, tokens: ArrayLike) -> jax.Array:
-        """``tokens`` as an array; ``UserError`` when a Python or NumPy one is outside
-        [0, V). JAX arrays are not checked (that would copy them to the host; inside
-        jit they are traced): out-of-range ones are clamped, as JAX gathers are."""
-        if not isinstance(tokens, jax.Array):
-            values = np.asarray(tokens)
-            if values.size and (values.min() < 0 or values.max() >= self.vocab_size):
-                raise UserError(f"token ids must be in [0, {self.vocab_size}); got {values.min()}..{values.max()}")
-        return jnp.asarray(tokens)
+    @property
+    def info(self) -> dict[str, Any]:
+        """Method-specific numbers, as the records hold them: ag's ``iters`` (int),
+        ``delta`` and ``objective`` (floats), hcb's ``pivot`` (int). Python numbers
+        outside jit (read from the device when asked); arrays while traced."""
+        if is_traced(self.info_arrays):
+            return dict(self.info_arrays)
+        return {key: jax.device_get(value).item() for key, value in self.info_arrays.items()}
+
+    def _tokens(self, tokens: ArrayLike, name: str) -> jax.Array:
+        """``tokens`` as an int32 array; ``UserError`` when concrete ones (Python,
+        NumPy or JAX) are not integers in [0, V). Traced ones are masked later."""
+        check_range(tokens, self.vocab_size, f"token ids ({name})")
+        return jnp.asarray(tokens, jnp.int32)
 
     def to_dense(self) -> jax.Array:
-        """float32[V, V]: ``log p(a, b)`` for every real cell. Allocates V x V."""
+        """float32[V, V]: ``log p(a, b)`` (log-probabilities, not p: their
+        logsumexp is 0) for every real cell ``[a, b]``. Allocates V x V."""
         return _to_dense(self)
 
 
@@ -124,20 +141,30 @@ def _cell_at(joint: Joint, a, b) -> jax.Array:
     )
 
 
+# Invalid ids (only possible while traced: concrete ones are refused) read cell 0,
+# and their results are NaN: a gather alone would wrap or clamp to another token.
+
+
 @jax.jit
 def _log_prob(joint: Joint, a, b):
-    return _cell_at(joint, a, b) - joint.log_z
+    v = joint.vocab_size
+    ok = ids.valid(a, v) & ids.valid(b, v)
+    return jnp.where(ok, _cell_at(joint, ids.safe(a, v), ids.safe(b, v)) - joint.log_z, jnp.nan)
 
 
 @jax.jit
 def _log_cond_a(joint: Joint, b):
+    v = joint.vocab_size
     a = jnp.arange(joint.tables.padded_vocab_size)
-    return jax.nn.log_softmax(_cell_at(joint, a, b))[: joint.vocab_size]
+    log_p = jax.nn.log_softmax(_cell_at(joint, a, ids.safe(b, v)))[:v]
+    return jnp.where(ids.valid(b, v), log_p, jnp.nan)
 
 
 @jax.jit
 def _log_cond_b(joint: Joint, a):
-    return jax.nn.log_softmax(_cell_at(joint, a, jnp.arange(joint.vocab_size)))
+    v = joint.vocab_size
+    log_p = jax.nn.log_softmax(_cell_at(joint, ids.safe(a, v), jnp.arange(v)))
+    return jnp.where(ids.valid(a, v), log_p, jnp.nan)
 
 
 @jax.jit
@@ -260,10 +287,8 @@ def derive_joint(
         raise ValueError(f"block_rows must be >= 1, got {block_rows}")
 
     pivot = options.get("pivot")
-    if pivot is not None and not isinstance(pivot, jax.core.Tracer):
-        pivot = int(pivot)
-        if not 0 <= pivot < tables.vocab_size:
-            raise UserError(f"hcb pivot {pivot} is outside the vocabulary [0, {tables.vocab_size})")
+    if pivot is not None:
+        check_range(pivot, tables.vocab_size, "hcb pivot")
     max_steps, tol = ag.schedule(**{k: options[k] for k in OPTIONS["ag"] if k in options})
 
     norm_a, norm_b, row, col, log_z, info = _derive(

@@ -74,6 +74,39 @@ class MaskedLM:
             return int(self.hf_config["mask_token_id"])
         raise UserError("the checkpoint's tokenizer defines no [MASK] token")
 
+    def apply_for(self, mesh: jax.sharding.Mesh) -> ModuleApply:
+        """``MLMProtocol.apply_for``: ``module_for`` the platform of ``mesh``'s devices as
+        a function ``(params, input_ids, attention_mask, positions) -> float32[B, K, V]``
+        (equal for equal modules, so compiled programs are reused)."""
+        return ModuleApply(self.module_for(platform_of(mesh.devices.flat[0])))
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.config.pad_token_id
+
+    @property
+    def max_positions(self) -> int:
+        return self.config.max_positions
+
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """The ids of [CLS], [SEP], BOS, EOS and padding (never a pair's position):
+        the tokenizer's, else those ``config.json`` names; [MASK] is not one."""
+        names = ("cls_token_id", "sep_token_id", "bos_token_id", "eos_token_id", "pad_token_id")
+        if self.tokenizer is not None:
+            found = [getattr(self.tokenizer, n, None) for n in names]
+        else:
+            found = [self.hf_config.get(n) for n in names]
+        return frozenset(int(i) for i in found if i is not None) - {self.mask_token_id}
+
+    def planned_chunk(self, mesh: jax.sharding.Mesh, length: int, prefetch: int) -> int:
+        """``tables.planned_chunk_size`` for this model: compiled to fit on GPUs and
+        TPUs, an activation budget on CPU."""
+        from jaxjoint.tables import planned_chunk_size  # tables imports this module
+
+        return planned_chunk_size(mesh, self.config, length, self.dtype, prefetch=prefetch,
+                                  matmul_precision=self.matmul_precision)
+
     def params_on(self, sharding: jax.sharding.Sharding) -> Params:
         """The parameters placed with ``sharding`` (copied once per sharding, then cached)."""
         if sharding not in self._placed:
@@ -112,6 +145,19 @@ class MaskedLM:
             positions = positions[:, None]
         logits = mlm_logits(self.module, self.params, input_ids, jnp.asarray(attention_mask, jnp.int32), positions)
         return logits[:, 0] if squeeze else logits
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleApply:
+    """A Flax masked-LM module as a function of ``(params, input_ids, attention_mask,
+    positions)``: ``MLMProtocol.apply_for``'s function for checkpoints. Hashable, equal for equal
+    modules, so compiled programs are reused across calls."""
+
+    module: nn.Module
+
+    def __call__(self, params: Params, input_ids: jax.Array, attention_mask: jax.Array,
+                 positions: jax.Array) -> jax.Array:
+        return self.module.apply({"params": params}, input_ids, attention_mask, positions)
 
 
 @functools.partial(jax.jit, static_argnums=0)

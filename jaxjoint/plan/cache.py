@@ -38,7 +38,7 @@ def compiler_versions() -> dict[str, str]:
 
 # The modules whose code is compiled into the run's programs: an analysis on disk is
 # of the programs as this code built them, so any change to them is a new key.
-_PROGRAM_SOURCES = ("tables.py", "metrics.py", "sharding.py", "joints", "models", "plan/compile.py")
+_PROGRAM_SOURCES = ("tables.py", "ids.py", "metrics.py", "sharding.py", "joints", "models", "plan/compile.py")
 
 
 @functools.cache

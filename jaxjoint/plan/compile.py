@@ -2,7 +2,7 @@
 running them, and read XLA's memory and cost analyses.
 
 The programs are the run's own: ``tables.substitution_table`` (the 2·V forward
-passes, one call per table), ``mlm.mlm_logits`` (the both-masked pass),
+passes, one call per table), ``tables.masked_logits`` (the both-masked pass),
 ``tables.assemble_tables``, ``joints.derive_joint`` for each method, the per-pair
 metrics core and the MLM's unary NLL. Every input is a ``jax.ShapeDtypeStruct`` carrying its sharding, so
 nothing is allocated and no weights are needed.
@@ -32,12 +32,12 @@ from jaxjoint.joints.streaming import default_block_rows
 from jaxjoint.metrics import mlm_unary_nll_array, pair_metric_arrays
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.families import masked_lm_module
-from jaxjoint.models.mlm import DTYPES, mlm_logits
+from jaxjoint.models.mlm import DTYPES, ModuleApply
 from jaxjoint.models.precision import MatmulPrecision, platform_of
 from jaxjoint.plan.models import abstract_params
 from jaxjoint.plan.targets import quiet_stderr
 from jaxjoint.sharding import mesh_size, padded_size, replicated, row_sharding
-from jaxjoint.tables import PairTables, assemble_tables, substitution_table
+from jaxjoint.tables import PairTables, assemble_tables, masked_logits, substitution_table
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +197,13 @@ def lower_tables(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, 
     two tables for sentences padded to ``length``, ``n_chunks`` steps of ``chunk``
     sequences per device."""
     rep = replicated(mesh)
-    module = model_module(mesh, config, dtype, matmul_precision)
+    apply_fn = ModuleApply(model_module(mesh, config, dtype, matmul_precision))
     params = _placed(_params_shapes(config), rep)
     ids = _abstract((length,), jnp.int32, rep)
     scalar = _abstract((), jnp.int32, rep)
-    return substitution_table.lower(module, params, ids, ids, scalar, scalar, scalar, mesh=mesh, n_chunks=n_chunks,
-                                    chunk=chunk, rows=padded_size(config.vocab_size, mesh))
+    return substitution_table.lower(apply_fn, params, ids, ids, scalar, scalar, scalar, vocab=config.vocab_size,
+                                    mesh=mesh, n_chunks=n_chunks, chunk=chunk,
+                                    rows=padded_size(config.vocab_size, mesh))
 
 
 def tables_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, n_chunks: int,
@@ -216,11 +217,12 @@ def both_masked_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: s
                         matmul_precision: str = "float32") -> ProgramCost:
     """The one pass with both positions masked (logits at two positions)."""
     rep = replicated(mesh)
-    module = model_module(mesh, config, dtype, matmul_precision)
+    apply_fn = ModuleApply(model_module(mesh, config, dtype, matmul_precision))
     params = _placed(_params_shapes(config), rep)
     ids = _abstract((1, length), jnp.int32, rep)
     positions = _abstract((1, 2), jnp.int32, rep)
-    return analyse("both masked", lambda: mlm_logits.lower(module, params, ids, ids, positions))
+    return analyse("both masked", lambda: masked_logits.lower(
+        apply_fn, params, ids, ids, positions, vocab=config.vocab_size))
 
 
 def assemble_program(mesh: Mesh, vocab: int) -> ProgramCost:
