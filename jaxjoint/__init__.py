@@ -13,12 +13,14 @@ from jaxjoint.explain import explain_pair
 from jaxjoint.joints import LABELS, METHODS, Joint, derive_joint
 from jaxjoint.metrics import aggregate, mlm_unary_nll, pair_metrics
 from jaxjoint.models.mlm import MaskedLM, load_mlm
+from jaxjoint.models.protocol import FunctionMLM, MLMProtocol
 from jaxjoint.run import evaluate
 from jaxjoint.sharding import local_mesh, make_mesh
 from jaxjoint.tables import PairTables, iter_pair_tables, pair_tables
 
 __all__ = [
-    "LABELS", "METHODS", "EvalConfig", "Joint", "MaskedLM", "PairTables", "UserError", "aggregate",
-    "derive_joint", "evaluate", "explain_pair", "iter_pair_tables", "load_mlm", "local_mesh", "make_mesh",
+    "LABELS", "METHODS", "EvalConfig", "FunctionMLM", "Joint", "MLMProtocol", "MaskedLM", "PairTables",
+    "UserError", "aggregate", "derive_joint", "evaluate", "explain_pair", "iter_pair_tables", "load_mlm",
+    "local_mesh", "make_mesh",
     "mlm_unary_nll", "pair_metrics", "pair_tables", "read_config_file", "resolve_config",
 ]

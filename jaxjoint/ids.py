@@ -47,11 +47,13 @@ def bounds(values: Any, what: str) -> tuple[int, int] | None:
 
 def check_range(values: Any, upper: int, what: str) -> None:
     """``UserError`` unless every concrete integer in ``values`` is in [0, upper);
-    abstract (traced) values pass unchecked (see ``valid``)."""
+    abstract (traced) values pass unchecked (see ``valid``). ``what``: the values'
+    name, a parenthesised detail after it is moved to the end of the message."""
     span = bounds(values, what)
     if span is not None and (span[0] < 0 or span[1] >= upper):
-        got = str(span[0]) if span[0] == span[1] else f"{span[0]}..{span[1]}"
-        raise UserError(f"{what} must be in [0, {upper}); got {got}")
+        got = span[0] if span[0] < 0 else span[1]  # an offending value
+        name, _, detail = what.partition(" (")
+        raise UserError(f"{name} must be in [0, {upper}); got {got}" + (f" ({detail}" if detail else ""))
 
 
 def valid(values: jax.Array, upper: int) -> jax.Array:

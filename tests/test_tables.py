@@ -197,3 +197,16 @@ def test_chunks_are_few_even_and_multiples_of_8():
 def test_bad_positions(mlm, a, b):
     with pytest.raises(UserError, match="positions"):
         pair_tables(mlm, sentence(8, 0), a, b)
+
+
+def test_special_positions_and_ids_refused_whatever_their_type(mlm):
+    """As ``jaxjoint pair`` does: [CLS] and [SEP] are never a pair's position (issue 23)."""
+    ids = sentence(8, 0)
+    for position, name in ((0, r"\[CLS\] \(id 2\)"), (7, r"\[SEP\] \(id 3\)")):
+        with pytest.raises(UserError, match=f"position {position} is the special token {name}; choose a word"):
+            pair_tables(mlm, ids, position, 1)
+    for bad in (53, -1):
+        with pytest.raises(UserError, match=rf"input_ids must be in \[0, 53\); got {bad}"):
+            pair_tables(mlm, jax.numpy.asarray(ids).at[1].set(bad), 1, 2)
+    with pytest.raises(UserError, match="positions must be integers"):
+        pair_tables(mlm, ids, 1, 2.5)
