@@ -15,6 +15,7 @@ from jaxjoint.data import AMINO_ACIDS, check_residues, max_tokens, protein_alpha
 from jaxjoint.errors import UserError
 from jaxjoint.joints import LABELS, Joint
 from jaxjoint.models.mlm import MaskedLM
+from jaxjoint.models.protocol import MLMProtocol
 from jaxjoint.scoring import ag_diagnostics, derive_all, score_joints
 from jaxjoint.tables import pair_tables
 
@@ -50,7 +51,7 @@ def _block_top_k(joint: Joint, start: jax.Array, *, k: int, block_rows: int) -> 
 
 
 def explain_pair(
-    mlm: MaskedLM,
+    mlm: MLMProtocol,
     input_ids: Sequence[int],
     a: int,
     b: int,
@@ -65,6 +66,7 @@ def explain_pair(
 ) -> dict[str, Any]:
     """The ``jaxjoint pair`` computation for one sentence.
 
+    mlm: a ``MaskedLM`` or any ``MLMProtocol`` (``FunctionMLM``).
     input_ids: int[L] with special tokens; the tokens at ``a`` and ``b`` are not used.
     residues: for a protein, the token ids of the amino acids: ``top`` then lists
     mutants (``mutants``) and ``mass`` is filled.

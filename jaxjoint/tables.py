@@ -14,6 +14,7 @@ import collections
 import dataclasses
 import functools
 import math
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -398,8 +399,7 @@ def _pad_to_bucket(mlm: MLMProtocol, input_ids: Any, a: Any, b: Any) -> _Padded:
         if int(tokens[position]) in mlm.special_token_ids:
             raise UserError(f"position {position} is the special token {_token_name(mlm, tokens[position])}; "
                             "choose a word position")
-    limit = mlm.max_positions if mlm.max_positions is not None else max(length, 1)
-    bucket = bucket_length(length, limit)
+    bucket = bucket_length(length, mlm.max_positions if mlm.max_positions is not None else sys.maxsize)
     padded = np.full(bucket, mlm.pad_token_id, np.int32)
     padded[:length] = tokens
     mask = (np.arange(bucket) < length).astype(np.int32)

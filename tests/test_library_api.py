@@ -9,6 +9,7 @@ references of DESIGN.md §1 (``references``, ``test_metrics.ref_metrics``).
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -117,6 +118,15 @@ def test_own_model_through_the_stream_and_explain(model):
         np.testing.assert_allclose(streamed.logits_b, one.logits_b, rtol=1e-6, atol=1e-6)
     out = explain_pair(model, SENTENCE, 3, 6, methods=("mrf", "ag"), top_k=3, gold=(30, 9))
     assert len(out["top"]["mrf"]) == 3 and set(out["metrics"]) == {"mrf", "ag"}
+
+
+def test_readme_own_model_example_runs(capsys):
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = text.split("Your own model, in plain JAX", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert len(example.strip().splitlines()) <= 16
+    exec(compile(example, "README.md", "exec"), {})
+    printed = eval(capsys.readouterr().out, {})  # the metrics dict
+    assert list(printed) == list(METRICS) and all(math.isfinite(v) for v in printed.values())
 
 
 def test_own_model_user_errors(model):
