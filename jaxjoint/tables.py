@@ -461,8 +461,8 @@ def iter_pair_tables(
     Sentences share one compiled program per length bucket; ``chunk_size=None``
     budgets each bucket's chunk beside ``prefetch`` pairs (``planned_chunk_size``).
 
-    Each ``PairTables`` handed out is valid until the next one is asked for: its
-    device buffers are then deleted, before the next pair is queued, so that no more
+    Each ``PairTables`` handed out is valid until the next one is asked for (or
+    the end of the stream is): its device buffers are then deleted, before the next pair is queued, so that no more
     than ``prefetch`` pairs are held while one is computed (a caller's loop
     variable would otherwise keep the last one alive). Keep what you need from it
     (metrics, ``jax.device_get``) before asking for the next; using it afterwards

@@ -210,3 +210,6 @@ def test_special_positions_and_ids_refused_whatever_their_type(mlm):
             pair_tables(mlm, jax.numpy.asarray(ids).at[1].set(bad), 1, 2)
     with pytest.raises(UserError, match="positions must be integers"):
         pair_tables(mlm, ids, 1, 2.5)
+    for a, b in ((jax.numpy.int32(8), 1), (np.int64(-1), 2)):
+        with pytest.raises(UserError, match=r"positions must be two distinct indices in \[0, 8\)"):
+            pair_tables(mlm, ids, a, b)
