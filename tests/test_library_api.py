@@ -130,6 +130,7 @@ def test_readme_own_model_example_runs(capsys):
 
 
 def test_own_model_user_errors(model):
+    assert isinstance(model, jaxjoint.MLMProtocol)
     with pytest.raises(UserError, match=r"position 0 is the special token id 1; choose a word position"):
         pair_tables(model, SENTENCE, 0, 4)
     with pytest.raises(UserError, match="input_ids must be in"):

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxjoint import UserError, load_mlm, tables
+from jaxjoint import MLMProtocol, UserError, load_mlm, tables
 from jaxjoint.sharding import make_mesh, padded_size
 from jaxjoint.tables import (
     bucket_length,
@@ -201,6 +201,7 @@ def test_bad_positions(mlm, a, b):
 
 def test_special_positions_and_ids_refused_whatever_their_type(mlm):
     """As ``jaxjoint pair`` does: [CLS] and [SEP] are never a pair's position (issue 23)."""
+    assert isinstance(mlm, MLMProtocol) and mlm.special_token_ids == {0, 2, 3}  # [PAD], [CLS], [SEP]
     ids = sentence(8, 0)
     for position, name in ((0, r"\[CLS\] \(id 2\)"), (7, r"\[SEP\] \(id 3\)")):
         with pytest.raises(UserError, match=f"position {position} is the special token {name}; choose a word"):
