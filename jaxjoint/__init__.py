@@ -2,9 +2,10 @@
 
 The stages, in the order data flows through them:
 ``load_mlm`` -> ``pair_tables`` / ``iter_pair_tables`` -> ``derive_joint`` ->
-``pair_metrics`` / ``mlm_unary_nll`` -> ``aggregate``. A whole evaluation run is
-``jaxjoint.evaluate`` (the ``jaxjoint evaluate`` command); ``explain_pair`` is
-``jaxjoint pair``.
+``pair_metrics`` / ``mlm_unary_nll`` -> ``aggregate``. Your own JAX masked LM enters
+as a ``FunctionMLM`` in place of ``load_mlm``'s ``MaskedLM`` (both are ``MLMProtocol``).
+A whole evaluation run is ``jaxjoint.evaluate`` (the ``jaxjoint evaluate`` command);
+``explain_pair`` is ``jaxjoint pair``.
 """
 
 from jaxjoint.config import EvalConfig, read_config_file, resolve_config
