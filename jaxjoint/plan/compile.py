@@ -236,7 +236,7 @@ def assemble_program(mesh: Mesh, vocab: int) -> ProgramCost:
 
 def _derived(joint: Joint):
     """What a derived joint adds to its tables (the tables are not outputs)."""
-    return joint.norm_a, joint.norm_b, joint.row, joint.col, joint.log_z, joint.info
+    return joint.norm_a, joint.norm_b, joint.row, joint.col, joint.log_z, joint.info_arrays
 
 
 def derive_program(mesh: Mesh, vocab: int, method: str, options: dict[str, Any]) -> tuple[ProgramCost, Joint]:
