@@ -122,6 +122,40 @@ def score(mlm: MaskedLM, ids: list[int], a: int, b: int, gold: tuple[int, int],
     return record, (logits, log_q)
 
 
+def logits_vs_float64(mlm: MaskedLM, pairs: list, directory: Path, count: int = 64) -> list[dict[str, Any]]:
+    """Each variant's logits at A against transformers' PyTorch model in float64, for
+    ``count`` sentences of ``pairs`` (A masked): max |Δ| / max |logit| (the parity
+    checks' 1e-4) and the RMS of Δ / RMS of the logits. Exact float32 is in the list,
+    so each arithmetic's error stands beside float32's own."""
+    import torch
+    import transformers
+
+    from jaxjoint.models.checkpoint import save_checkpoint
+
+    if not (directory / "config.json").is_file():
+        save_checkpoint(directory, mlm.config, jax.device_get(mlm.params), mask_token_id=mlm.mask_token_id)
+    model = transformers.AutoModelForMaskedLM.from_pretrained(directory, attn_implementation="eager").double().eval()
+    rows = []
+    chosen = pairs[:count]
+    width = max(len(ids) for _, ids, *_ in chosen)
+    ids = np.full((len(chosen), width), mlm.config.pad_token_id, np.int32)
+    mask = np.zeros_like(ids)
+    for i, (_, sentence, a, _, _) in enumerate(chosen):
+        ids[i, :len(sentence)], mask[i, :len(sentence)] = sentence, 1
+        ids[i, a] = mlm.mask_token_id
+    positions = np.array([a for _, _, a, _, _ in chosen])
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
+    reference = out[np.arange(len(chosen)), positions]
+    for name in VARIANTS:
+        got = np.asarray(variant_model(mlm, name).logits_at(ids, positions, mask), np.float64)
+        delta = got - reference
+        rows.append({"variant": name, "sentences": len(chosen),
+                     "rel_max": float(np.abs(delta).max() / np.abs(reference).max()),
+                     "rel_rms": float(np.sqrt(np.mean(delta**2) / np.mean(reference**2)))})
+    return rows
+
+
 def flat(records: list[dict]) -> list[dict]:
     """``metrics.aggregate``'s input: one row per pair and method."""
     return [{"method": m, **values} for r in records for m, values in r["metrics"].items()]
@@ -199,11 +233,15 @@ def main() -> None:
                 sink.flush()
             print(f"pair {index}: {time.perf_counter() - start:.0f} s", flush=True)
     rows = summarise({v: records[v] for v in variants})
+    checkpoint_dir = out.with_suffix(".checkpoint") if args.model == "bert-base" else DEFAULT_MODEL_DIR
+    float64 = logits_vs_float64(mlm, pairs, checkpoint_dir)
+    print(f"\nlogits at A against transformers in float64 ({float64[0]['sentences']} sentences)")
+    print_table(float64, ["variant", "sentences", "rel_max", "rel_rms"])
     print(f"\n{label}")
     print_table(rows, ["variant", "method", "pairs", "rel_dlogit", "max_abs_dlogq", "max_abs_dnll", "rel_p_ppl",
                        "rel_u_ppl", "rel_kl_gold", "rel_kl_all"])
     write_json(args.json or f"benchmarks/results/cpu/precision_error_{args.model}.json",
-               {"machine": machine(), "model": label, "ag": AG, "rows": rows})
+               {"machine": machine(), "model": label, "ag": AG, "rows": rows, "logits_vs_float64": float64})
 
 
 if __name__ == "__main__":
