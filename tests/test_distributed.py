@@ -225,8 +225,11 @@ def test_failures_stop_the_run_and_restarts_complete_it(setup, tmp_path):
         os.kill(procs[1].pid, signal.SIGKILL)
     finally:
         (code, stderr), _ = finish(procs, timeout=120)
+    # Which process, how many pairs are safe, how to resume; no traceback (Gloo's "Connection
+    # closed by peer" surfaces as a ValueError or a JaxRuntimeError, depending on the collective).
     line = error_line(stderr)
-    assert code == 2 and re.fullmatch(f"jaxjoint: error: lost contact with another process .*{saved}", line), line
+    assert code == 2 and re.fullmatch(f"jaxjoint: error: process 1 of 2 stopped answering .*{saved}", line), line
+    assert "Traceback" not in stderr, stderr
     kept = pairs.read_text().splitlines(keepends=True)
     assert kept[3:] == want[2:3] + want[4:len(kept)], "not the complete rounds in order"
     assert len(kept) < len(want), "the run was not stopped mid-way"
