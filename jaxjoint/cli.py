@@ -1,4 +1,4 @@
-"""The ``jaxjoint`` command: evaluate, pair, plan, plot, table, train-mlm.
+"""The ``jaxjoint`` command: evaluate, pair, plan, plot, table, random-checkpoint, train-mlm.
 
 Each subcommand is a thin layer: its flags come from the config declaration
 (``config.add_arguments``), its work from the library. Errors a user can fix are
@@ -186,6 +186,19 @@ def _config_flag(parser: argparse.ArgumentParser, used: str = "keys as in config
     parser.add_argument("--config", metavar="FILE", help=f"YAML config file ({used})")
 
 
+def _version() -> str:
+    """The installed jaxjoint's version, and JAX's (the numbers depend on both)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{of('jaxjoint')} (jax {of('jax')}, jaxlib {of('jaxlib')})"
+
+
 def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     """The ``jaxjoint`` argument parser with all subcommands.
 
@@ -193,6 +206,7 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     training code, which the other commands never import.
     """
     parser = _Parser(prog="jaxjoint", description="Exact pairwise joints derived from masked language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ev = sub.add_parser("evaluate", help="score joint constructions on a data set (resumable)",
@@ -238,6 +252,12 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     tb.add_argument("directories", metavar="RUN_DIR", nargs="+", help="the --out directory of a finished evaluate")
     add_arguments(tb, TableOptions, "table")
     tb.set_defaults(func=_run_table)
+
+    from jaxjoint.tools import random_checkpoint
+
+    rc = random_checkpoint.add_parser(sub, help="write a random-weight checkpoint of any supported family "
+                                      "(try pair, evaluate and the benchmarks offline)")
+    rc.set_defaults(func=random_checkpoint.run)
 
     if with_tools:
         from jaxjoint.tools import train_mlm
