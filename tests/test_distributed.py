@@ -351,3 +351,36 @@ def test_coordinator_port_in_use(setup, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"process 0 cannot listen on port {port} (Address already in use)" in err, err
     assert not (tmp_path / "out").exists()
+
+
+def test_lost_processes_are_those_that_do_not_note_themselves(monkeypatch):
+    """Survivors of a broken exchange note themselves in the coordinator's store; the
+    processes missing there are named. An unreachable store means process 0 is gone."""
+    from jax._src import distributed as runtime
+
+    from jaxjoint.run import distributed
+
+    class Store:
+        def __init__(self, others):
+            self.keys = {f"{distributed.SURVIVORS}{k}": "1" for k in others}
+
+        def key_value_set(self, key, value):
+            self.keys[key] = value
+
+        def key_value_dir_get(self, prefix):
+            return [(k, v) for k, v in self.keys.items() if k.startswith(prefix)]
+
+    class Gone:
+        def key_value_set(self, key, value):
+            raise RuntimeError("UNAVAILABLE: failed to connect")
+
+    monkeypatch.setattr(distributed, "SURVIVOR_WAIT_S", 0.0)
+    monkeypatch.setattr(runtime.global_state, "client", Store(others=[0, 3]))
+    assert distributed._lost_processes(2, 4) == [1]
+    monkeypatch.setattr(runtime.global_state, "client", Store(others=[]))
+    assert distributed._lost_processes(0, 3) == [1, 2]
+    monkeypatch.setattr(runtime.global_state, "client", Gone())
+    assert distributed._lost_processes(2, 4) == [0]
+    with pytest.raises(distributed.ProcessFailure, match=r"^process 0 of 4 stopped answering \(a lost host"):
+        with distributed._lost_contact(2, 4):
+            raise ValueError("UNKNOWN: Gloo AllGather failed: Connection closed by peer")
