@@ -331,7 +331,7 @@ def test_a_write_failure_on_process_0_stops_every_process(setup, reference, tmp_
      r"--coordinator must be HOST:PORT, got 'localhost'"),
     (["--distributed", "pairs", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"],
      r"--process-id must be in \[0, 2\), got 2"),
-    (["--distributed", "all"], r"unknown distributed 'all'; choose one of none, pairs, global"),
+    (["--distributed", "all"], r"unknown --distributed value 'all'; choose one of none, pairs, global"),
 ])
 def test_launch_errors(setup, tmp_path, capsys, extra, message):
     assert main([*evaluate_args(setup, tmp_path / "out"), *extra]) == 2
