@@ -104,7 +104,8 @@ def reference_record(model, record, mask_id, *, ag_iters=40):
 # difference of log-probabilities of magnitude ~2 log V (7 to 8 here) rounded to
 # ~6e-8 of it, so a small KL is off by up to 3.6e-7 (tiny random ESM and ModernBERT
 # pairs, head gains 1 to 16: the worst error is 0.71 of max(1e-4 relative, this);
-# BERT's sharp_ckpt on 12 sentences beyond test_evaluate's seven reaches 2.3e-7).
+# BERT's sharp_ckpt on 12 sentences beyond test_evaluate's seven reaches 2.3e-7; the
+# sharp_ckpt of jaxjoint's random-checkpoint maker 2.7e-7 on one of those seven).
 KL_FLOAT32 = 5e-7
 
 
