@@ -46,12 +46,14 @@ def esm_config(hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: 
 
 def make_modernbert_checkpoint(directory: Path, seed: int = 0, head_gain: float = 1.0, vocab_size: int = 60,
                                hidden: int = 32, layers: int = 3, heads: int = 4, intermediate: int = 48,
-                               local_attention: int = 8, global_every: int = 3, max_positions: int = 128) -> Path:
+                               local_attention: int = 8, global_every: int = 3, max_positions: int = 128,
+                               **extra) -> Path:
     """A random ModernBERT checkpoint at ``modernbert_config``'s sizes, written by jaxjoint's
-    maker (``random_checkpoint``), its tokenizer over ``MODERNBERT_WORDS`` ([CLS] ... [SEP])."""
+    maker (``random_checkpoint``), its tokenizer over ``MODERNBERT_WORDS`` ([CLS] ... [SEP]);
+    ``extra``: more config.json fields (bias switches, activations)."""
     hf = small_hf_config("modernbert", vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
                          intermediate=intermediate, max_positions=max_positions, local_attention=local_attention,
-                         global_attn_every_n_layers=global_every)
+                         global_attn_every_n_layers=global_every, **extra)
     return random_checkpoint(directory, hf, seed=seed, head_gain=head_gain, words=MODERNBERT_WORDS)
 
 
