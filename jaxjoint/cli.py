@@ -1,4 +1,4 @@
-"""The ``jaxjoint`` command: evaluate, pair, plan, plot, table, train-mlm.
+"""The ``jaxjoint`` command: evaluate, pair, plan, plot, table, random-checkpoint, train-mlm.
 
 Each subcommand is a thin layer: its flags come from the config declaration
 (``config.add_arguments``), its work from the library. Errors a user can fix are
@@ -19,6 +19,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn
 
 from jaxjoint.config import (
@@ -29,6 +30,7 @@ from jaxjoint.config import (
     TableOptions,
     add_arguments,
     check_ag_flags,
+    check_value,
     read_config_file,
     resolve_config,
     resolve_options,
@@ -51,6 +53,9 @@ def _config(args: argparse.Namespace) -> EvalConfig:
     """The run's config: the ``--config`` file, overridden by the flags given."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
     check_ag_flags(given)
+    for key, value in given.items():  # first, so that an error names the flag, not the config key
+        if value is not None:
+            check_value(key, value, as_flag=True)
     return resolve_config(read_config_file(args.config) if args.config else {}, given)
 
 
@@ -83,7 +88,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     pairs_file = f"{config.out}/pairs.jsonl"
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        evaluate(config, quiet=args.quiet)
+        summary = evaluate(config, quiet=args.quiet)
+        if not distributed.is_initialized() or jax.process_index() == 0:
+            _note_pairs_left_out(summary, config)
     except KeyboardInterrupt as stop:
         what, code = ("terminated (SIGTERM)", 143) if isinstance(stop, Terminated) else ("interrupted", 130)
         if not distributed.is_initialized():
@@ -107,6 +114,19 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _note_pairs_left_out(summary: dict, config: EvalConfig) -> None:
+    """One line when ``pairs.jsonl`` keeps more pairs than the summary covers: a rerun
+    with a smaller ``--max-sentences`` summarises its first sentences only (the others
+    stay on disk, and a larger count summarises them again without recomputing)."""
+    from jaxjoint.run.rundir import PAIRS_FILE, read_pairs
+
+    kept = len({r["index"] for r in read_pairs(Path(config.out) / PAIRS_FILE)[0]})
+    if kept > summary["n_pairs"]:
+        print(f"jaxjoint: note: the summary covers the {summary['n_pairs']} pairs of the first "
+              f"{config.max_sentences} sentences (--max-sentences); {config.out}/pairs.jsonl keeps {kept} "
+              "finished pairs: give a larger --max-sentences to summarise them all", file=sys.stderr)
 
 
 # --- pair ---------------------------------------------------------------------------------
@@ -186,6 +206,19 @@ def _config_flag(parser: argparse.ArgumentParser, used: str = "keys as in config
     parser.add_argument("--config", metavar="FILE", help=f"YAML config file ({used})")
 
 
+def _version() -> str:
+    """The installed jaxjoint's version, and JAX's (the numbers depend on both)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
+
+    return f"{of('jaxjoint')} (jax {of('jax')}, jaxlib {of('jaxlib')})"
+
+
 def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     """The ``jaxjoint`` argument parser with all subcommands.
 
@@ -193,6 +226,7 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     training code, which the other commands never import.
     """
     parser = _Parser(prog="jaxjoint", description="Exact pairwise joints derived from masked language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     ev = sub.add_parser("evaluate", help="score joint constructions on a data set (resumable)",
@@ -238,6 +272,12 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     tb.add_argument("directories", metavar="RUN_DIR", nargs="+", help="the --out directory of a finished evaluate")
     add_arguments(tb, TableOptions, "table")
     tb.set_defaults(func=_run_table)
+
+    from jaxjoint.tools import random_checkpoint
+
+    rc = random_checkpoint.add_parser(sub, help="write a random-weight checkpoint of any supported family "
+                                      "(try pair, evaluate and the benchmarks offline)")
+    rc.set_defaults(func=random_checkpoint.run)
 
     if with_tools:
         from jaxjoint.tools import train_mlm

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     unknown = [str(k) for k in values if k not in KEYS]
     if unknown:
         raise UserError(
-            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} "
+            f"unknown config key{'s' if len(unknown) > 1 else ''} {', '.join(map(_suggested, unknown))} "
             f"in {path}; valid keys: {', '.join(KEYS)}")
     return values
+
+
+def _suggested(key: str) -> str:
+    """``'maskng' (did you mean 'masking'?)``: an unknown key and the closest valid one, if any is close."""
+    close = difflib.get_close_matches(key, KEYS, n=1)
+    return f"{key!r} (did you mean {close[0]!r}?)" if close else repr(key)
 
 
 def resolve_config(*layers: Mapping[str, Any]) -> EvalConfig:
@@ -330,23 +337,27 @@ def resolve_options(options: type, given: Mapping[str, Any]) -> Any:
         if value is None or field.metadata["kind"] == "switch":
             values[field.name] = field.default if value is None else value
         elif field.metadata["many"]:
-            values[field.name] = tuple(_checked(field, v) for v in value)
+            values[field.name] = tuple(_checked(field, v, as_flag=True) for v in value)
         else:
-            values[field.name] = _checked(field, value)
+            values[field.name] = _checked(field, value, as_flag=True)
     return options(**values)
 
 
-def check_value(key: str, value: Any) -> Any:
-    """The canonical form of config value ``key``; ``UserError`` when it is invalid."""
-    return _checked(FIELDS[key], value)
+def check_value(key: str, value: Any, *, as_flag: bool = False) -> Any:
+    """The canonical form of config value ``key``; ``UserError`` when it is invalid,
+    naming the command-line flag (``--max-sentences``) ``as_flag``, else the key."""
+    return _checked(FIELDS[key], value, as_flag=as_flag)
 
 
-def _checked(field: dataclasses.Field, value: Any) -> Any:
+def _checked(field: dataclasses.Field, value: Any, *, as_flag: bool = False) -> Any:
     key, meta = field.name, field.metadata
     kind = meta["kind"]
+    # Errors name what the user wrote: the flag on the command line, the key in a file.
+    name = flag(key) if as_flag else key
+    label = name if as_flag else f"config key {key!r}"
     if kind in ("path", "source", "text"):
         if not isinstance(value, str) or not value.strip():
-            raise UserError(f"config key {key!r} must be a non-empty string")
+            raise UserError(f"{label} must be a non-empty string")
         text = value.strip()
         if kind == "text":
             return text
@@ -357,22 +368,23 @@ def _checked(field: dataclasses.Field, value: Any) -> Any:
         return text if builtin else _absolute(kind, text)
     if kind == "choice":
         if value not in meta["choices"]:
-            raise UserError(f"unknown {key} {value!r}; choose one of {', '.join(meta['choices'])}")
+            what = f"{name} value" if as_flag else key
+            raise UserError(f"unknown {what} {value!r}; choose one of {', '.join(meta['choices'])}")
         return value
     if kind == "methods":
-        return _methods(value)
+        return _methods(value, name)
     if kind == "positive":
-        number = _number(key, value)
+        number = _number(label, value)
         if not number > 0:
-            raise UserError(f"{key} must be > 0, got {value}")
+            raise UserError(f"{name} must be > 0, got {value}")
         return number
     if isinstance(value, bool) or not isinstance(value, int):
         try:
             value = int(str(value), 10)
         except ValueError:
-            raise UserError(f"config key {key!r} must be an integer, got {value!r}") from None
+            raise UserError(f"{label} must be an integer, got {value!r}") from None
     if value < meta["minimum"]:
-        raise UserError(f"{key} must be >= {meta['minimum']}, got {value}")
+        raise UserError(f"{name} must be >= {meta['minimum']}, got {value}")
     return value
 
 
@@ -384,25 +396,25 @@ def _absolute(kind: str, value: str) -> str:
     return value  # a hub model name, or a missing path the loader reports
 
 
-def _number(key: str, value: Any) -> float:
+def _number(label: str, value: Any) -> float:
     if isinstance(value, bool):
-        raise UserError(f"config key {key!r} must be a number, got {value!r}")
+        raise UserError(f"{label} must be a number, got {value!r}")
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise UserError(f"config key {key!r} must be a number, got {value!r}") from None
+        raise UserError(f"{label} must be a number, got {value!r}") from None
 
 
-def _methods(value: Any) -> tuple[str, ...]:
+def _methods(value: Any, name: str = "methods") -> tuple[str, ...]:
     names = value.split(",") if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)):
-        raise UserError("methods must be a list or a comma-separated string")
+        raise UserError(f"{name} must be a list or a comma-separated string")
     names = [str(n).strip() for n in names if str(n).strip()]
     if not names:
-        raise UserError(f"methods is empty; choose from {', '.join(METHODS)}")
+        raise UserError(f"{name} is empty; choose from {', '.join(METHODS)}")
     for name in names:
         if name not in METHODS:
             raise UserError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
     if len(set(names)) < len(names):
-        raise UserError(f"methods lists a method twice: {', '.join(names)}")
+        raise UserError(f"{name} lists a method twice: {', '.join(names)}")
     return tuple(names)

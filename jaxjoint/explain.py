@@ -165,10 +165,10 @@ def explain_text(
     encoded = tok(text, truncation=True, max_length=max_tokens(mlm.config), return_special_tokens_mask=True)
     ids, special = list(encoded["input_ids"]), list(encoded["special_tokens_mask"])
     tokens = tok.convert_ids_to_tokens(ids)
-    a, b = _pair_positions(positions, ids, special, tokens, mlm.mask_token_id)
+    a, b = _pair_positions(positions, ids, special, tokens, mlm.mask_token_id, text, tok.mask_token)
     gold = None if mlm.mask_token_id in (ids[a], ids[b]) else (ids[a], ids[b])
     result = explain_pair(mlm, ids, a, b, gold=gold, top_k=top_k, **options)
-    return {**result, "tokens": tokens, "a": a, "b": b, "gold": gold, "top_k": top_k}
+    return {**result, "tokens": tokens, "a": a, "b": b, "gold": gold, "top_k": top_k, "mask_token": tok.mask_token}
 
 
 def _explain_protein(mlm: MaskedLM, text: str, positions: Sequence[int] | None, *, top_k: int,
@@ -190,8 +190,8 @@ def _explain_protein(mlm: MaskedLM, text: str, positions: Sequence[int] | None, 
     if positions is None:
         masks = [i for i, t in enumerate(ids) if t == mlm.mask_token_id]
         if len(masks) != 2:
-            raise UserError(f"TEXT has {len(masks)} {tok.mask_token} tokens; write exactly two, "
-                            "or give --positions I J (residue numbers, from 1)")
+            raise UserError(f"TEXT has {len(masks)} {tok.mask_token} tokens; write exactly two"
+                            f"{_other_masks(text, tok.mask_token)}, or give --positions I J (residue numbers, from 1)")
         a, b = masks
     else:
         for r in positions:
@@ -210,11 +210,12 @@ def _explain_protein(mlm: MaskedLM, text: str, positions: Sequence[int] | None, 
 
 
 def _pair_positions(positions: Sequence[int] | None, ids: list[int], special: list[int], tokens: list[str],
-                    mask_id: int) -> tuple[int, int]:
+                    mask_id: int, text: str = "", mask: str = "[MASK]") -> tuple[int, int]:
     if positions is None:
         masks = [i for i, t in enumerate(ids) if t == mask_id]
         if len(masks) != 2:
-            raise UserError(f"TEXT has {len(masks)} mask tokens; write exactly two, or give --positions I J")
+            raise UserError(f"TEXT has {len(masks)} {mask} tokens; write exactly two{_other_masks(text, mask)}, "
+                            "or give --positions I J")
         return masks[0], masks[1]
     a, b = positions
     for p in (a, b):
@@ -227,6 +228,23 @@ def _pair_positions(positions: Sequence[int] | None, ids: list[int], special: li
     return a, b
 
 
+MASK_SPELLINGS = ("[MASK]", "<mask>")
+
+
+def _other_masks(text: str, mask: str) -> str:
+    """`` (this model's mask token is [MASK], not <mask>)`` when TEXT holds another
+    spelling of a mask token (another family's, or other letter case); else ``""``."""
+    rest = text.replace(mask, " ")
+    others = []
+    for spelling in MASK_SPELLINGS:
+        at = rest.lower().find(spelling.lower())
+        if at >= 0:
+            others.append(rest[at:at + len(spelling)])
+    if not others:
+        return ""
+    return f" (this model's mask token is {mask}, not {' or '.join(others)})"
+
+
 def format_explanation(explanation: dict[str, Any], tokenizer: Any) -> str:
     """The text ``jaxjoint pair`` prints for an ``explain_text`` result."""
     tokens, a, b, gold = (explanation[k] for k in ("tokens", "a", "b", "gold"))
@@ -236,7 +254,8 @@ def format_explanation(explanation: dict[str, Any], tokenizer: Any) -> str:
     else:
         lines = ["tokens: " + " ".join(f"{i}:{t}" for i, t in enumerate(tokens))]
         if gold is None:
-            lines.append(f"A = {a}, B = {b} (masked: no gold tokens)")
+            lines.append(f"A = {a} ({_shown(tokens[a], explanation)}), B = {b} ({_shown(tokens[b], explanation)}): "
+                         "a masked position has no gold token, so no metrics")
         else:
             lines.append(f"A = {a} (gold {tokens[a]!r}), B = {b} (gold {tokens[b]!r})")
         lines.append(f"\ntop {explanation['top_k']} pairs (token at A, token at B, p):")
@@ -252,6 +271,11 @@ def format_explanation(explanation: dict[str, Any], tokenizer: Any) -> str:
         rows.append(["MLM conditionals", "–", f"{explanation['mlm_unary_u_nll']:.4f}", "–", "–"])
         lines.append("\n" + _table(["method", "p_nll", "u_nll", "kl_gold", "kl_all"], rows))
     return "\n".join(lines)
+
+
+def _shown(token: str, explanation: dict[str, Any]) -> str:
+    """A position's token for the ``A = ..., B = ...`` line: ``masked`` or ``gold 'rose'``."""
+    return "masked" if token == explanation.get("mask_token") else f"gold {token!r}"
 
 
 def _protein_lines(explanation: dict[str, Any], name: Any) -> list[str]:

@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face checkpoints, built and saved by the tests themselves."""
+"""Tiny random Hugging Face checkpoints for the tests (written by the maker of
+``jaxjoint random-checkpoint``), transformers configs, and the PyTorch reference model."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import torch
 import transformers
 
-from tests.words import vocabulary
+from jaxjoint.tools.random_checkpoint import random_checkpoint, small_hf_config
+from tests.words import WORDS, vocabulary  # noqa: F401 - vocabulary: re-exported for the tests
 
 
 def hf_config(family: str, vocab_size: int = 53, hidden: int = 32, layers: int = 2,
@@ -34,47 +36,13 @@ def hf_config(family: str, vocab_size: int = 53, hidden: int = 32, layers: int =
     raise ValueError(family)
 
 
-# The head's LayerNorm gain, per family: scaling it sharpens the conditionals.
-HEAD_NORM = {
-    "bert": "cls.predictions.transform.LayerNorm.weight",
-    "roberta": "lm_head.layer_norm.weight",
-    "xlm-roberta": "lm_head.layer_norm.weight",
-    "distilbert": "vocab_layer_norm.weight",
-    "electra": "generator_predictions.LayerNorm.weight",
-    "modernbert": "head.norm.weight",
-    "esm": "lm_head.layer_norm.weight",
-}
-
-
-def perturbed_model(config, family: str, seed: int = 0, head_gain: float = 1.0):
-    """A transformers ``*ForMaskedLM`` of ``config`` with every weight perturbed, not
-    just initialised: LayerNorm gains near 1, everything else O(0.1), so all weights
-    matter. Random weights give nearly uniform conditionals; ``head_gain`` multiplies
-    the head's LayerNorm gain (8 gives entropies of about 1 nat, like a trained model's)."""
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForMaskedLM.from_config(config).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name.lower() and name.endswith("weight")
-                    else 0.1 * noise)
-        model.get_parameter(HEAD_NORM[family]).mul_(head_gain)
-    return model
-
-
 def make_checkpoint(directory: Path, family: str = "bert", seed: int = 0, head_gain: float = 1.0,
-                    **sizes) -> Path:
-    """Save a random ``*ForMaskedLM`` (``perturbed_model``) and a BERT WordPiece
-    tokenizer over ``vocabulary(V)`` into ``directory``."""
-    config = hf_config(family, **sizes)
-    model = perturbed_model(config, family, seed, head_gain)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    # transformers 5 ignores vocab_file=; the vocabulary must be passed as a dict.
-    vocab = {token: i for i, token in enumerate(vocabulary(config.vocab_size))}
-    transformers.BertTokenizerFast(vocab=vocab, do_lower_case=True).save_pretrained(directory)
-    return directory
+                    vocab_size: int = 53, **sizes) -> Path:
+    """A random checkpoint written by jaxjoint's own maker (``random_checkpoint``: every
+    weight perturbed, a WordPiece tokenizer over ``vocabulary(V)``'s specials and words)
+    at ``small_hf_config``'s sizes. The tests read it with transformers as the reference."""
+    hf = small_hf_config(family, vocab_size=vocab_size, **sizes)
+    return random_checkpoint(directory, hf, seed=seed, head_gain=head_gain, words=WORDS)
 
 
 def torch_model(directory: Path):

@@ -1,5 +1,5 @@
-"""Tiny random ModernBERT and ESM checkpoints, built and saved by transformers' own
-PyTorch classes, every weight perturbed (as ``hf_fixtures.make_checkpoint`` does)."""
+"""Tiny random ModernBERT and ESM checkpoints (written by the maker of ``jaxjoint
+random-checkpoint``, as ``hf_fixtures.make_checkpoint``) and their transformers configs."""
 
 from __future__ import annotations
 
@@ -7,22 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import transformers
-from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-from tests.hf_fixtures import perturbed_model
+from jaxjoint.tools.random_checkpoint import ESM_TOKENS as _ESM_TOKENS
+from jaxjoint.tools.random_checkpoint import random_checkpoint, small_hf_config
 
 # ESM-2's alphabet, in the order of its vocab.txt.
-ESM_TOKENS = ["<cls>", "<pad>", "<eos>", "<unk>", *"LAGVSERTIDPKQNFYMHWCXBUZO.-", "<null_1>", "<mask>"]
+ESM_TOKENS = list(_ESM_TOKENS)
 ESM_AMINO_ACIDS = range(4, 24)  # L A G ... C: the 20 standard residues
 # ModernBERT's specials sit at the end of its vocabulary (ids 50280-50284 in the real one).
 MODERNBERT_SPECIALS = ["[UNK]", "[CLS]", "[SEP]", "[PAD]", "[MASK]"]
 MODERNBERT_WORDS = "the a cat dog sat on mat and ran to park river rose after storm".split()
-
-def modernbert_vocabulary(size: int) -> list[str]:
-    """``size`` word-level entries: words, filler words, then the five specials."""
-    words = MODERNBERT_WORDS + [f"w{i}" for i in range(size)]
-    return words[: size - len(MODERNBERT_SPECIALS)] + MODERNBERT_SPECIALS
-
 
 def modernbert_config(vocab_size: int = 60, hidden: int = 32, layers: int = 3, heads: int = 4,
                       intermediate: int = 48, local_attention: int = 8, global_every: int = 3,
@@ -50,36 +44,26 @@ def esm_config(hidden: int = 32, layers: int = 2, heads: int = 4, intermediate: 
         intermediate_size=intermediate, max_position_embeddings=max_positions, **kwargs)
 
 
-def make_modernbert_checkpoint(directory: Path, seed: int = 0, head_gain: float = 1.0, **sizes) -> Path:
-    """Save a random ``ModernBertForMaskedLM`` and a word-level fast tokenizer
-    (``tokenizer.json``, [CLS] ... [SEP]) into ``directory``."""
-    config = modernbert_config(**sizes)
-    model = perturbed_model(config, "modernbert", seed, head_gain)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    vocab = {token: i for i, token in enumerate(modernbert_vocabulary(config.vocab_size))}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])])
-    transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]",
-        pad_token="[PAD]", mask_token="[MASK]").save_pretrained(directory)
-    return directory
+def make_modernbert_checkpoint(directory: Path, seed: int = 0, head_gain: float = 1.0, vocab_size: int = 60,
+                               hidden: int = 32, layers: int = 3, heads: int = 4, intermediate: int = 48,
+                               local_attention: int = 8, global_every: int = 3, max_positions: int = 128,
+                               **extra) -> Path:
+    """A random ModernBERT checkpoint at ``modernbert_config``'s sizes, written by jaxjoint's
+    maker (``random_checkpoint``), its tokenizer over ``MODERNBERT_WORDS`` ([CLS] ... [SEP]);
+    ``extra``: more config.json fields (bias switches, activations)."""
+    hf = small_hf_config("modernbert", vocab_size=vocab_size, hidden=hidden, layers=layers, heads=heads,
+                         intermediate=intermediate, max_positions=max_positions, local_attention=local_attention,
+                         global_attn_every_n_layers=global_every, **extra)
+    return random_checkpoint(directory, hf, seed=seed, head_gain=head_gain, words=MODERNBERT_WORDS)
 
 
-def make_esm_checkpoint(directory: Path, seed: int = 0, head_gain: float = 1.0, **sizes) -> Path:
-    """Save a random ``EsmForMaskedLM`` and an ``EsmTokenizer`` (vocab.txt) into ``directory``."""
-    config = esm_config(**sizes)
-    model = perturbed_model(config, "esm", seed, head_gain)
-    directory = Path(directory)
-    model.save_pretrained(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    vocab_file = directory / "vocab.txt"
-    vocab_file.write_text("\n".join(ESM_TOKENS) + "\n")
-    transformers.EsmTokenizer(vocab_file=str(vocab_file)).save_pretrained(directory)
-    return directory
+def make_esm_checkpoint(directory: Path, seed: int = 0, head_gain: float = 1.0, hidden: int = 32, layers: int = 2,
+                        heads: int = 4, intermediate: int = 48, max_positions: int = 128, **extra) -> Path:
+    """A random ESM-2-style checkpoint at ``esm_config``'s sizes and an ``EsmTokenizer``,
+    written by jaxjoint's maker (``random_checkpoint``)."""
+    hf = small_hf_config("esm", hidden=hidden, layers=layers, heads=heads, intermediate=intermediate,
+                         max_positions=max_positions, **extra)
+    return random_checkpoint(directory, hf, seed=seed, head_gain=head_gain)
 
 
 def padded_batch(rng: np.random.Generator, b: int, length: int, *, tokens: range, pad: int, first: int,

@@ -104,7 +104,8 @@ def reference_record(model, record, mask_id, *, ag_iters=40):
 # difference of log-probabilities of magnitude ~2 log V (7 to 8 here) rounded to
 # ~6e-8 of it, so a small KL is off by up to 3.6e-7 (tiny random ESM and ModernBERT
 # pairs, head gains 1 to 16: the worst error is 0.71 of max(1e-4 relative, this);
-# BERT's sharp_ckpt on 12 sentences beyond test_evaluate's seven reaches 2.3e-7).
+# BERT's sharp_ckpt on 12 sentences beyond test_evaluate's seven reaches 2.3e-7; the
+# sharp_ckpt of jaxjoint's random-checkpoint maker 2.7e-7 on one of those seven).
 KL_FLOAT32 = 5e-7
 
 
@@ -137,16 +138,17 @@ def assert_matches_reference(record, ref, methods, *, kl_floor=2e-7, floor_objec
     assert math.isclose(record["mlm_unary_u_nll"], ref["mlm_unary_u_nll"], rel_tol=1e-4)
 
 
-def assert_summary_matches_references(summary, refs, methods):
-    """A run's summary against the means of float64 reference records (rel 1e-4)."""
+def assert_summary_matches_references(summary, refs, methods, kl_floor=2e-7):
+    """A run's summary against the means of float64 reference records (rel 1e-4; the
+    mean KLs down to the records' ``kl_floor``, which bounds the error of their mean too)."""
     for method in methods:
         def mean(key, method=method):
             return np.mean([ref["metrics"][method][key] for ref in refs])
         got = summary["methods"][method]
         assert math.isclose(got["p_ppl"], math.exp(mean("p_nll")), rel_tol=1e-4)
         assert math.isclose(got["u_ppl"], math.exp(mean("u_nll")), rel_tol=1e-4)
-        assert math.isclose(got["kl_gold"], mean("kl_gold"), rel_tol=1e-4)
-        assert math.isclose(got["kl_all"], mean("kl_all"), rel_tol=1e-4)
+        for key in ("kl_gold", "kl_all"):
+            assert close(key, got[key], mean(key), 1e-4, kl_floor), (method, key, got[key], mean(key))
     unary = math.exp(np.mean([ref["mlm_unary_u_nll"] for ref in refs]))
     assert math.isclose(summary["mlm_unary_u_ppl"], unary, rel_tol=1e-4)
     # The methods differ on the model, so the comparison discriminates them.

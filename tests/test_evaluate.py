@@ -17,7 +17,13 @@ from jaxjoint.run import evaluate
 from jaxjoint.run.plot import nll_by_distance, plot_run
 from jaxjoint.tables import pair_tables
 from tests.hf_fixtures import torch_model
-from tests.record_reference import assert_matches_reference, assert_summary_matches_references, close, reference_record
+from tests.record_reference import (
+    KL_FLOAT32,
+    assert_matches_reference,
+    assert_summary_matches_references,
+    close,
+    reference_record,
+)
 
 V = 53
 SENTENCES = [
@@ -75,14 +81,16 @@ def test_every_number_matches_float64_pytorch_reference(full_run, torch_double, 
         ids, (a, b) = r["input_ids"], r["positions"]
         assert ids[0] == 2 and ids[-1] == 3 and r["gold"] == [ids[a], ids[b]]
         ref = reference_record(torch_double, r, mask_id)
-        assert_matches_reference(r, ref, METHODS)
+        # Small KLs to float32's measured resolution (record_reference.KL_FLOAT32): the
+        # random-checkpoint maker's sharp_ckpt puts the MLM's kl_gold of sentence 5 2.7e-7 off.
+        assert_matches_reference(r, ref, METHODS, kl_floor=KL_FLOAT32)
         assert r["metrics"]["ag"]["iters"] == 40
         refs.append(ref)
 
     assert summary["n_pairs"] == 7 and summary["n_skipped"] == 1
     assert summary == json.loads((out / "summary.json").read_text())
     assert summary["config"]["methods"] == list(METHODS) and summary["config"]["out"] == str(out)
-    assert_summary_matches_references(summary, refs, METHODS)
+    assert_summary_matches_references(summary, refs, METHODS, kl_floor=KL_FLOAT32)
 
     md = (out / "summary.md").read_text()
     assert "| Method | P-PPL | U-PPL | KL (gold) | KL (all) |" in md

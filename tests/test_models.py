@@ -68,7 +68,10 @@ def test_load_properties(checkpoint):
     mlm = load_mlm(checkpoint)
     assert mlm.vocab_size == 53
     assert mlm.mask_token_id == 4
-    assert mlm.tokenizer.convert_ids_to_tokens(4) == "[MASK]"
+    # Each family's own special tokens (RoBERTa and XLM-R: <s> </s> <pad> <mask> <unk>).
+    roberta = mlm.config.family == "roberta"
+    assert mlm.tokenizer.convert_ids_to_tokens(4) == ("<mask>" if roberta else "[MASK]")
+    assert mlm.tokenizer("the cat")["input_ids"] == [2, 5, 7, 3]  # cls, the, cat, sep
 
 
 def test_save_checkpoint_round_trips_through_transformers(tmp_path):

@@ -321,9 +321,17 @@ def hf_config_from_encoder(config: EncoderConfig, **extra: Any) -> dict[str, Any
         return {**_modernbert_hf_config(config), **extra}
     if isinstance(config, EsmEncoderConfig):
         return {**_esm_hf_config(config), **extra}
-    if config.family not in ("bert", "roberta"):
+    if config.family == "distilbert":
+        return {"architectures": ["DistilBertForMaskedLM"], "model_type": "distilbert",
+                "vocab_size": config.vocab_size, "dim": config.hidden_size, "n_layers": config.num_layers,
+                "n_heads": config.num_heads, "hidden_dim": config.intermediate_size,
+                "max_position_embeddings": config.max_positions, "activation": config.hidden_act,
+                "pad_token_id": config.pad_token_id, "tie_word_embeddings": config.tie_word_embeddings, **extra}
+    if config.family not in ("bert", "roberta", "electra"):
         raise ValueError(f"writing {config.family} configs is not supported")
-    arch = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM"}[config.family]
+    arch = {"bert": "BertForMaskedLM", "roberta": "RobertaForMaskedLM", "electra": "ElectraForMaskedLM"}[config.family]
+    if config.family == "electra":
+        extra = {"embedding_size": config.embedding_size, **extra}
     return {
         "architectures": [arch],
         "model_type": config.family,

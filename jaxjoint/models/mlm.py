@@ -187,17 +187,24 @@ def _resolve_source(source: str | os.PathLike, *, allow_pickle: bool) -> Path:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
+    from jaxjoint import hub
+
+    # Unreachable: the local cache only, so a model fetched before loads and anything else fails at once.
+    why = hub.unreachable()
+    patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
     try:
-        patterns = ["*.json", "*.safetensors", "*.txt", "*.model"]
-        path = Path(snapshot_download(name, allow_patterns=patterns))
-        if allow_pickle and not any(path.glob("*.safetensors")):  # pickles only where needed
-            path = Path(snapshot_download(name, allow_patterns=[*patterns, "*.bin"]))
+        with hub.quiet():
+            path = Path(snapshot_download(name, allow_patterns=patterns, local_files_only=why is not None))
+            if allow_pickle and not any(path.glob("*.safetensors")):  # pickles only where needed
+                path = Path(snapshot_download(name, allow_patterns=[*patterns, "*.bin"],
+                                              local_files_only=why is not None))
         return path
     except RepositoryNotFoundError:
         raise UserError(f"no model named {name!r} on the Hugging Face hub, and no such local directory") from None
     except (LocalEntryNotFoundError, OSError, HfHubHTTPError) as err:
+        reason = f"{why}; not in the local cache" if why else type(err).__name__
         raise UserError(
-            f"cannot fetch {name!r} from the Hugging Face hub (offline? {type(err).__name__}); "
+            f"cannot fetch {name!r} from the Hugging Face hub ({reason}); "
             "download it elsewhere and pass its local directory instead"
         ) from None
 

@@ -26,7 +26,8 @@ processes at the next exchange, and all of them
 stop with a one-line message saying which process failed and why; process 0
 first appends every pair of that round that did finish. A process that dies
 outright makes the others' next exchange fail: they stop with ``ProcessFailure``,
-and the CLI then exits at once, skipping the runtime's shutdown handshake (it
+naming the process that no longer answers (``_lost_processes``), and the CLI
+then exits at once, skipping the runtime's shutdown handshake (it
 would wait for the dead process, then abort with a stack trace). Where no
 exchange notices (a collective that blocks instead of failing), the JAX runtime
 ends the survivors itself after its heartbeat timeout (100 s); if process 0 dies,
@@ -43,6 +44,7 @@ import math
 import os
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -154,7 +156,7 @@ class Processes:
         if self.count == 1:
             return [value]
         data = _encode(value)
-        with _lost_contact():
+        with _lost_contact(self.index, self.count):
             sizes = multihost_utils.process_allgather(np.int32(data.size))
             rows = multihost_utils.process_allgather(_padded(data, int(sizes.max())))
         return [json.loads(row[:size].tobytes()) for row, size in zip(rows, sizes)]
@@ -165,7 +167,7 @@ class Processes:
         if self.count == 1:
             return value
         data = _encode(value if self.leader else None)
-        with _lost_contact():
+        with _lost_contact(self.index, self.count):
             size = int(multihost_utils.broadcast_one_to_all(np.int32(data.size)))
             buffer = multihost_utils.broadcast_one_to_all(_padded(data, size))
         return json.loads(buffer[:size].tobytes())
@@ -235,14 +237,44 @@ def _padded(data: np.ndarray, size: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _lost_contact() -> Iterator[None]:
-    """Turn a failed collective into ``ProcessFailure``: a process that is gone
-    breaks the exchange (on CPU at once, as a closed connection)."""
+def _lost_contact(index: int, count: int) -> Iterator[None]:
+    """Turn a failed collective into ``ProcessFailure`` naming the lost processes:
+    a process that is gone breaks the exchange (on CPU at once, Gloo's "Connection
+    closed by peer", raised as ``JaxRuntimeError`` or ``ValueError``)."""
     try:
         yield
-    except jax.errors.JaxRuntimeError as err:
-        raise ProcessFailure(f"lost contact with another process of the run, which may have died "
-                             f"(see its output): {describe(err)}") from None
+    except (jax.errors.JaxRuntimeError, ValueError) as err:
+        lost = _lost_processes(index, count)
+        who = (f"process{'es' if len(lost) > 1 else ''} {', '.join(map(str, lost))} of {count}" if lost
+               else "another process")
+        raise ProcessFailure(f"{who} stopped answering (a lost host, or a killed process: see its output), "
+                             f"so process {index} stops ({describe(err, 120)})") from None
+
+
+SURVIVORS = "jaxjoint/survivors/"
+SURVIVOR_WAIT_S = 1.5
+
+
+def _lost_processes(index: int, count: int) -> list[int]:
+    """The processes that did not answer, as the survivors of a broken exchange see it.
+
+    Each survivor notes itself in the coordinator's key-value store, waits
+    ``SURVIVOR_WAIT_S`` for the others to notice the break too, and reads who
+    noted. The store lives in process 0: when it cannot be reached, process 0 is
+    the lost one. A best effort: an empty list when it cannot tell.
+    """
+    from jax._src import distributed as runtime
+
+    client = runtime.global_state.client
+    if client is None:
+        return []
+    try:
+        client.key_value_set(f"{SURVIVORS}{index}", "1")
+        time.sleep(SURVIVOR_WAIT_S)
+        present = {int(key.rsplit("/", 1)[-1]) for key, _ in client.key_value_dir_get(SURVIVORS)}
+    except Exception:  # noqa: BLE001 - the coordinator, process 0, is gone
+        return [0] if index != 0 else []
+    return sorted(set(range(count)) - present - {index})
 
 
 def processes(mode: str) -> Processes:

@@ -44,9 +44,18 @@ def plot_run(directory: str | Path, path: str | Path | None = None) -> Path:
     path (default ``DIRECTORY/nll_by_distance.png``).
     """
     directory = Path(directory)
+    # What is wrong with DIR, said as such (read_pairs' own advice is for a failing disk).
+    if not directory.exists():
+        raise UserError(f"{directory} does not exist; give the --out directory of a jaxjoint evaluate run")
+    if not directory.is_dir():
+        raise UserError(f"{directory} is a file; give the --out directory of a jaxjoint evaluate run "
+                        f"(the one holding {PAIRS_FILE})")
+    if not (directory / PAIRS_FILE).is_file():
+        raise UserError(f"{directory} has no {PAIRS_FILE}: not the --out directory of a jaxjoint evaluate run, "
+                        "or one that has not finished a pair yet")
     records, _ = read_pairs(directory / PAIRS_FILE)
     if not records:
-        raise UserError(f"{directory} has no finished pairs ({PAIRS_FILE}); run jaxjoint evaluate first")
+        raise UserError(f"{directory / PAIRS_FILE} holds no finished pair yet; run jaxjoint evaluate first")
     import matplotlib
 
     matplotlib.use("Agg")
