@@ -269,7 +269,8 @@ def test_plan_command_prices_each_precision_at_its_rate(target, arithmetic, tmp_
     a TPU), --dtype bfloat16 at the bfloat16 rate, and the report says which."""
     from jaxjoint.cli import main
 
-    hf_config("bert", vocab_size=1024, hidden=64, layers=1, heads=2, intermediate=128).save_pretrained(tmp_path)
+    # wide enough that the tables stage is compute-bound even at the bfloat16 rate
+    hf_config("bert", vocab_size=1024, hidden=256, layers=2, heads=4, intermediate=512).save_pretrained(tmp_path)
     plans = {}
     for name, flags in (("float32", []), ("bfloat16", ["--dtype", "bfloat16"])):
         out = tmp_path / f"{name}.json"
