@@ -240,8 +240,8 @@ def format_plan(report: PlanReport) -> str:
     """The printed plan: a header, one row per length bucket, the verdict."""
     chip = report.chip
     rate = chip.peak_flop_per_s.get(report.arithmetic)
-    priced = (f"at {rate / 1e12:,.4g} TFLOP/s, the published dense rate of {report.arithmetic}" if rate else
-              f"no published rate for {report.arithmetic} on this chip")
+    priced = (f"at {rate / 1e12:,.4g} TFLOP/s a device ({chip.peak_sources.get(report.arithmetic, 'published')})"
+              if rate else f"no published rate for {report.arithmetic} on this chip")
     lines = [
         f"plan: {report.model} (V = {report.vocab_size:,}) on {report.target}: {report.devices} x {chip.name}"
         f"{f' over {report.hosts} hosts' if report.hosts > 1 else ''}, {report.dtype}, "
