@@ -40,7 +40,7 @@ from benchmarks.common import machine, model_shape, print_table, time_call, writ
 from jaxjoint import load_mlm
 from jaxjoint.flops import sequence_flops
 from jaxjoint.models.families import masked_lm_module
-from jaxjoint.models.mlm import DTYPES, random_params
+from jaxjoint.models.mlm import DTYPES, ModuleApply, random_params
 from jaxjoint.models.precision import MatmulPrecision, platform_of
 from jaxjoint.plan.hardware import chip_for_device_kind
 from jaxjoint.plan.report import priced_arithmetic
@@ -193,8 +193,8 @@ def timing(args: argparse.Namespace) -> int:
         precision = MatmulPrecision(mode, platform)
         arithmetic = priced_arithmetic(platform, dtype, mode)
         module = masked_lm_module(config, DTYPES[dtype], precision)
-        table = functools.partial(substitution_table, module, params, ids, mask, a, b, mask_id, mesh=mesh,
-                                  n_chunks=n_chunks, chunk=chunk, rows=rows)
+        table = functools.partial(substitution_table, ModuleApply(module), params, ids, mask, a, b, mask_id,
+                                  vocab=v, mesh=mesh, n_chunks=n_chunks, chunk=chunk, rows=rows)
         seconds = time_call(table, repeats=args.repeats)
         matmul = _matmul_rate(precision, dtype, n)
         seqs = rows / seconds
