@@ -61,3 +61,45 @@ def test_buckets_benchmark_compares_both_rules_on_both_mixes(tmp_path):
         assert old["tables_speedup"] == 1 and old["main_job_speedup"] == 1
         for key in ("tables_s_per_pair", "main_job_s", "tables_speedup", "main_job_speedup"):
             assert new[key] > 0, key
+
+
+@pytest.mark.slow
+def test_run_gpu_script_runs_every_step_at_tiny_shapes(tmp_path):
+    """benchmarks/run_gpu.sh as a GPU lease runs it, on this CPU at tiny shapes: every
+    step finishes and writes what it promises, at most 8 files, with no `datasets`
+    importable (the GPU image has none)."""
+    stub = tmp_path / "stub" / "datasets"
+    stub.mkdir(parents=True)
+    (stub / "__init__.py").write_text("raise ImportError('datasets is not installed on the GPU machine')\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as on one GPU
+    # a shared 2-core host compiles slower than a GPU host runs: roomier limits
+    env.update(PYTHON=sys.executable, OUT=str(out), JAXJOINT_GPU_SMOKE="1", JAXJOINT_GPU_BUDGET_S="3000",
+               JAXJOINT_GPU_STEP_SCALE="8",
+               PYTHONPATH=os.pathsep.join([str(stub.parent), env.get("PYTHONPATH", "")]))
+    run = subprocess.run(["bash", "benchmarks/run_gpu.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=3100)
+    log = (out / "log.txt").read_text()
+    assert run.returncode == 0, log[-4000:]
+    assert "every step passed" in run.stdout and "SKIPPED" not in log
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["ag_iteration.json", "end_to_end.json", "log.txt", "machine.txt", "modes.json", "parity.json"]
+    assert "jax" in (out / "machine.txt").read_text()
+    parity = json.loads((out / "parity.json").read_text())
+    assert parity["passed"] and parity["platform"] == "cpu"
+    assert {(r["family"], r["dtype"], r["matmul_precision"]) for r in parity["results"]} == {
+        ("bert", d, m) for d, m in
+        (("float32", "float32"), ("float32", "tensorfloat32"), ("float32", "bfloat16"), ("bfloat16", "bfloat16"))}
+    for r in parity["results"]:
+        assert (r["rel_err_vs_torch"] < 1e-4) == (r["matmul_precision"] == "float32"), r
+    modes = json.loads((out / "modes.json").read_text())["results"]
+    assert [(r["dtype"], r["matmul_precision"], r["arithmetic"]) for r in modes] == [
+        ("float32", "float32", "f32"), ("float32", "tensorfloat32", "tf32"), ("float32", "bfloat16", "bf16"),
+        ("bfloat16", "bfloat16", "bf16")]
+    for r in modes:
+        assert r["seconds_per_pair"] > 0 and r["matmul_flop_per_s"] > 0 and r["shape"] == "default"
+    (e2e,) = [json.loads((out / "end_to_end.json").read_text())]
+    assert {r["dtype"] for r in e2e["results"]} == {"float32", "bfloat16"}
+    assert all(r["s_total"] > 0 for r in e2e["results"])
+    ag = json.loads((out / "ag_iteration.json").read_text())
+    assert ag["results"]

@@ -19,10 +19,13 @@ from jax.sharding import PartitionSpec as P
 
 from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops
+from jaxjoint.joints import AG_ITERS, METHODS
 from jaxjoint.models.config import EncoderConfig
+from jaxjoint.models.precision import ARITHMETIC, MODES
 from jaxjoint.plan import cache, fit, format_plan, largest_fitting_chunk, make_plan, planning_config, resolve_target
 from jaxjoint.plan.compile import hlo_cost_analysis, local_rows, xla_cost
 from jaxjoint.plan.hardware import chips
+from jaxjoint.plan.report import priced_arithmetic, roofline, table_passes
 from jaxjoint.sharding import make_mesh
 from jaxjoint.tables import chunking
 from tests.hf_fixtures import hf_config
@@ -72,7 +75,7 @@ def test_unknown_targets_are_one_line_user_errors(name):
 def test_hardware_files_cite_sources_and_agree_with_the_gpu_descriptions():
     for chip in chips().values():
         assert chip.sources and all(chip.sources)
-        assert chip.peak_flop_per_s["bfloat16"] >= chip.peak_flop_per_s["float32"] > 0
+        assert chip.peak_flop_per_s and all(rate > 0 for rate in chip.peak_flop_per_s.values())
         assert chip.hbm_bandwidth_bytes_per_s > 0 and chip.memory_bytes > 0
         if chip.platform == "gpu":
             info = chip.target_config["gpu_device_info"]
@@ -81,6 +84,59 @@ def test_hardware_files_cite_sources_and_agree_with_the_gpu_descriptions():
             assert info["memory_bandwidth"] == pytest.approx(chip.hbm_bandwidth_bytes_per_s, rel=0.05)
         else:
             assert chip.usable_memory_bytes <= chip.memory_bytes
+
+
+# Dense rates from the datasheets (TFLOP/s): NVIDIA's FP32, TF32 and BF16 tensor core
+# figures (half the "with sparsity" ones); each TPU's published bfloat16 peak.
+GPU_RATES = {"h100": (67, 494.7, 989.4), "h200": (67, 494.7, 989.4), "a100": (19.5, 156, 312),
+             "b200": (75, 1100, 2250)}
+TPU_RATES = {"v4": 275, "v5e": 197, "v5p": 459, "v6e": 918}
+
+
+def test_hardware_files_carry_the_dense_rate_of_each_arithmetic():
+    assert set(chips()) == set(GPU_RATES) | set(TPU_RATES)
+    for key, chip in chips().items():
+        rates = {name: rate / 1e12 for name, rate in chip.peak_flop_per_s.items()}
+        if chip.platform == "gpu":
+            f32, tf32, bf16 = GPU_RATES[key]
+            assert rates == pytest.approx({"f32": f32, "tf32": tf32, "tf32_x3": tf32 / 3, "bf16": bf16}, rel=1e-6)
+        else:
+            bf16 = TPU_RATES[key]
+            assert rates == pytest.approx({"bf16": bf16, "bf16_x3": bf16 / 3, "bf16_x6": bf16 / 6}, rel=1e-6)
+        assert set(chip.peak_sources) == set(rates) and all(chip.peak_sources.values())
+        # every arithmetic a mode compiles to on this platform is priced (and a GPU's
+        # true float32, what the float32 mode's three TF32 passes are set against)
+        compiled = {ARITHMETIC[chip.platform, mode] for mode in MODES} | {"bf16"}
+        assert compiled | ({"f32"} if chip.platform == "gpu" else set()) == set(rates)
+
+
+@pytest.mark.parametrize("key", ["h100", "a100", "b200", "v5e", "v5p"])
+def test_the_estimate_prices_the_arithmetic_each_mode_compiles_to(key):
+    """No compile: the roofline of a bert-base pair at 32 tokens (counted FLOPs) at
+    each mode's rate; float32 on an H100 is three TF32 passes, 165 TFLOP/s."""
+    chip = chips()[key]
+    expected = ({"float32": "tf32_x3", "tensorfloat32": "tf32", "bfloat16": "bf16"} if chip.platform == "gpu" else
+                {"float32": "bf16_x6", "tensorfloat32": "bf16_x3", "bfloat16": "bf16"})
+    for mode in MODES:
+        assert priced_arithmetic(chip.platform, "float32", mode) == expected[mode]
+        assert priced_arithmetic(chip.platform, "bfloat16", mode) == "bf16"
+    assert priced_arithmetic("cpu", "float32", "float32") == "f32"
+    config = planning_config("bert-base-cased")[1]
+    v = config.vocab_size
+    executed = 2 * v * sequence_flops(config, 32) + sequence_flops(config, 32, 2)
+
+    def estimate(arithmetic):
+        return roofline(chip, arithmetic, executed_flops_per_device=executed, tables_bytes_per_device=4 * v * v,
+                        table_bytes=4 * v * v, passes=table_passes(METHODS, AG_ITERS), xla_tables_seconds=None)
+
+    faithful, fast = estimate(expected["float32"]), estimate("bf16")
+    assert faithful.arithmetic == expected["float32"] and fast.arithmetic == "bf16"
+    assert faithful.flop_per_s == chip.peak_flop_per_s[expected["float32"]]
+    assert faithful.tables_seconds == pytest.approx(executed / faithful.flop_per_s)
+    assert faithful.seconds_per_pair >= 2 * fast.seconds_per_pair
+    if key == "h100":
+        assert faithful.seconds_per_pair >= pair_flops(config, 32) / 165e12
+    assert estimate("no_such_arithmetic") is None
 
 
 def test_shipped_model_configs_resolve_offline():
@@ -193,8 +249,9 @@ def test_small_model_plan_fits(target, tmp_path):
     # XLA also counts elementwise work (GELU, softmax, LayerNorm, bfloat16 casts):
     # about 10% of a pass at width 64, under 1% at bert-base's 768.
     assert pair_flops(TINY, 16) <= data["xla_flops_per_pair"] <= 1.15 * pair_flops(TINY, 16)
-    # no faster than every chip at its peak allows
-    floor = pair_flops(TINY, 16) / (report.devices * report.chip.peak_flop_per_s["bfloat16"])
+    # no faster than every chip at its bfloat16 rate allows
+    assert data["arithmetic"] == "bf16" and data["priced_flop_per_s"] == report.chip.peak_flop_per_s["bf16"]
+    floor = pair_flops(TINY, 16) / (report.devices * report.chip.peak_flop_per_s["bf16"])
     assert data["estimated_seconds_per_pair"] >= floor
     for key in ("target", "devices", "fits", "reason", "chunk_size", "peak_bytes_per_device",
                 "hbm_bytes_per_device", "flops_per_pair", "estimated_seconds_per_pair"):
@@ -202,6 +259,40 @@ def test_small_model_plan_fits(target, tmp_path):
     json.dumps(data)
     text = format_plan(report)
     assert "estimated" in text and "compiled, not run" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target,arithmetic", [("h100", "tf32_x3"), ("v5e:2x2", "bf16_x6")])
+def test_plan_command_prices_each_precision_at_its_rate(target, arithmetic, tmp_path, capsys):
+    """``jaxjoint plan`` of a small model: the default float32 is priced at the rate of
+    the arithmetic it compiles to (three TF32 passes on an H100, six bfloat16 passes on
+    a TPU), --dtype bfloat16 at the bfloat16 rate, and the report says which."""
+    from jaxjoint.cli import main
+
+    # wide enough that the tables stage is compute-bound even at the bfloat16 rate
+    hf_config("bert", vocab_size=1024, hidden=256, layers=2, heads=4, intermediate=512).save_pretrained(tmp_path)
+    plans = {}
+    for name, flags in (("float32", []), ("bfloat16", ["--dtype", "bfloat16"])):
+        out = tmp_path / f"{name}.json"
+        main(["plan", "--target", target, "--model", str(tmp_path), "--length", "16", "--methods", "mrf",
+              "--json", str(out), *flags])
+        plans[name] = json.loads(out.read_text())
+        text = capsys.readouterr().out
+        expected = arithmetic if name == "float32" else "bf16"
+        assert f"compiles to {expected}" in text and "TFLOP/s" in text
+    chip = resolve_target(target).chip
+    for name, expected in (("float32", arithmetic), ("bfloat16", "bf16")):
+        data = plans[name]
+        assert data["matmul_precision"] == name and data["arithmetic"] == expected
+        assert data["priced_flop_per_s"] == chip.peak_flop_per_s[expected]
+        (bucket,) = data["buckets"]
+        assert bucket["priced_arithmetic"] == expected
+        # compute-bound: the tables stage is the executed FLOPs at that rate
+        per_device = bucket["executed_flops_per_pair"] / data["devices"]
+        assert bucket["estimated_tables_seconds"] == pytest.approx(per_device / chip.peak_flop_per_s[expected])
+    ratio = chip.peak_flop_per_s["bf16"] / chip.peak_flop_per_s[arithmetic]
+    tables = [plans[name]["buckets"][0]["estimated_tables_seconds"] for name in ("float32", "bfloat16")]
+    assert tables[0] == pytest.approx(ratio * tables[1], rel=0.05)  # chunks may differ by padding
 
 
 @pytest.mark.slow

@@ -1,7 +1,9 @@
 """Published facts about the chips a plan can target, read from ``hardware/*.json``.
 
-One file per chip: memory, HBM bandwidth, peak matmul FLOP/s per compute dtype
-(as JAX runs float32 products by default on that chip), for NVIDIA GPUs the
+One file per chip: memory, HBM bandwidth, the dense matmul rate of each arithmetic
+a product can compile to on it (``jaxjoint.models.precision.ARITHMETIC``: ``f32``,
+``tf32``, ``tf32_x3``, ``bf16`` on NVIDIA GPUs; ``bf16``, ``bf16_x3``, ``bf16_x6`` on
+TPUs; multi-pass rates are the one-pass rate over the passes), for NVIDIA GPUs the
 device description XLA compiles against, and the sources of every number.
 """
 
@@ -25,6 +27,8 @@ class Chip:
     memory_bytes: the chip's memory; usable_memory_bytes: what one program may use
     (TPU: what the compiler accepts; GPU: set by the target from JAX's allocator
     fraction). Peaks and bandwidth are None when unknown (a local CPU).
+    peak_flop_per_s: dense FLOP/s by arithmetic (``f32``, ``tf32``, ``tf32_x3``, ``bf16``,
+    ``bf16_x3``, ``bf16_x6``); peak_sources: where each rate comes from.
     """
 
     key: str
@@ -35,6 +39,7 @@ class Chip:
     usable_memory_bytes: int | None
     hbm_bandwidth_bytes_per_s: float | None
     peak_flop_per_s: dict[str, float] = dataclasses.field(default_factory=dict)
+    peak_sources: dict[str, str] = dataclasses.field(default_factory=dict)
     target_config: dict[str, Any] | None = dataclasses.field(default=None, compare=False)
     topology_version: str | None = None
     chip_config_name: str | None = None
@@ -57,6 +62,7 @@ def chips() -> dict[str, Chip]:
             usable_memory_bytes=raw.get("usable_memory_bytes"),
             hbm_bandwidth_bytes_per_s=raw["hbm_bandwidth_bytes_per_s"],
             peak_flop_per_s=dict(raw["peak_flop_per_s"]),
+            peak_sources=dict(raw["peak_sources"]),
             target_config=raw.get("target_config"),
             topology_version=raw.get("topology_version"),
             chip_config_name=raw.get("chip_config_name"),

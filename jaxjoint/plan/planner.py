@@ -19,7 +19,7 @@ from jaxjoint.plan import fit
 from jaxjoint.plan.cache import compiler_versions
 from jaxjoint.plan.compile import ProgramCost, local_rows, params_bytes
 from jaxjoint.plan.models import planning_config
-from jaxjoint.plan.report import BucketPlan, PlanReport, roofline, table_passes
+from jaxjoint.plan.report import BucketPlan, PlanReport, priced_arithmetic, roofline, table_passes
 from jaxjoint.plan.targets import Target, resolve_target, target_for_devices
 from jaxjoint.sharding import local_mesh, mesh_size
 from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, PREFETCH, bucket_length, chunking
@@ -86,7 +86,9 @@ def make_plan(
     report = PlanReport(
         target=resolved.name, chip=resolved.chip, devices=resolved.device_count, hosts=resolved.hosts,
         usable_bytes_per_device=resolved.usable_bytes_per_device, memory_note=resolved.memory_note,
-        model=name, vocab_size=config.vocab_size, dtype=dtype, methods=methods, ag_iterations=_ag_iterations(ag),
+        model=name, vocab_size=config.vocab_size, dtype=dtype, matmul_precision=matmul_precision,
+        arithmetic=priced_arithmetic(resolved.chip.platform, dtype, matmul_precision), methods=methods,
+        ag_iterations=_ag_iterations(ag),
         prefetch=prefetch, params_bytes=params_bytes(config), buckets=buckets, reason=None,
         versions=compiler_versions(), compile_seconds=0.0)
     reason = None
@@ -145,7 +147,8 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     if tables.optimal_seconds and both.optimal_seconds:
         xla_seconds = 2 * n_chunks * tables.optimal_seconds + both.optimal_seconds
     estimate = roofline(
-        target.chip, dtype, executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,
+        target.chip, priced_arithmetic(target.chip.platform, dtype, matmul_precision),
+        executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,
         table_bytes=table_bytes, passes=table_passes(methods, _ag_iterations(ag)), xla_tables_seconds=xla_seconds)
     programs: list[ProgramCost] = [tables, both, assemble, *joints.values(), *metrics.values(), unary]
     return BucketPlan(

@@ -1,10 +1,12 @@
 """A plan's numbers: the roofline estimate, the report, its table and JSON.
 
 Every time here is an estimate from published peaks, not a measurement: the
-tables stage at the chip's peak matmul rate for the counted FLOPs it executes
-(padding included), each whole-table pass of the joints and metrics at the
-chip's HBM bandwidth. It is a floor: a run is slower by whatever the compiled
-kernels miss of the peaks.
+tables stage at the chip's dense matmul rate for the arithmetic its products
+compile to (``priced_arithmetic``: three TF32 passes for ``float32`` on an NVIDIA
+GPU, six bfloat16 passes on a TPU, ...) for the counted FLOPs it executes (padding
+included), each whole-table pass of the joints and metrics at the chip's HBM
+bandwidth. It is a floor: a run is slower by whatever the compiled kernels miss of
+the peaks.
 """
 
 from __future__ import annotations
@@ -13,11 +15,32 @@ import dataclasses
 import json
 from typing import Any
 
+from jaxjoint.models.precision import ARITHMETIC
 from jaxjoint.plan.compile import ProgramCost
 from jaxjoint.plan.fit import Phase
 from jaxjoint.plan.hardware import Chip
 
 GIB = 2**30
+
+# What each arithmetic of ``precision.ARITHMETIC`` computes, for the printed plan.
+ARITHMETIC_NAMES = {
+    "f32": "float32",
+    "tf32": "one TF32 pass",
+    "tf32_x3": "three TF32 passes",
+    "bf16": "one bfloat16 pass",
+    "bf16_x3": "three bfloat16 passes",
+    "bf16_x6": "six bfloat16 passes",
+}
+
+
+def priced_arithmetic(platform: str, dtype: str, matmul_precision: str) -> str:
+    """The arithmetic a run's matrix products compile to on ``platform`` (``gpu``,
+    ``tpu``, ``cpu``; ``cuda``/``rocm`` count as ``gpu``): one bfloat16 pass with
+    ``dtype`` bfloat16, else what ``matmul_precision`` asks of that backend."""
+    if dtype == "bfloat16":
+        return "bf16"
+    platform = "gpu" if platform in ("gpu", "cuda", "rocm") else platform if platform == "tpu" else "cpu"
+    return ARITHMETIC[platform, matmul_precision]
 
 
 def table_passes(methods: tuple[str, ...], ag_iterations: int) -> float:
@@ -42,26 +65,30 @@ def table_passes(methods: tuple[str, ...], ag_iterations: int) -> float:
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-    """Seconds per pair on the whole mesh, estimated (not measured)."""
+    """Seconds per pair on the whole mesh, estimated (not measured); the tables
+    stage priced at ``flop_per_s``, the chip's rate for ``arithmetic``."""
 
     tables_seconds: float
     joints_seconds: float
     xla_tables_seconds: float | None  # the TPU compiler's own estimate, where it gives one
+    arithmetic: str
+    flop_per_s: float
 
     @property
     def seconds_per_pair(self) -> float:
         return self.tables_seconds + self.joints_seconds
 
 
-def roofline(chip: Chip, dtype: str, *, executed_flops_per_device: float, tables_bytes_per_device: float,
+def roofline(chip: Chip, arithmetic: str, *, executed_flops_per_device: float, tables_bytes_per_device: float,
              table_bytes: int, passes: float, xla_tables_seconds: float | None) -> Estimate | None:
-    """The roofline estimate for one pair, or None without published peaks."""
-    peak = chip.peak_flop_per_s.get(dtype)
+    """The roofline estimate for one pair with the tables stage's products in
+    ``arithmetic`` (``priced_arithmetic``), or None without a published rate for it."""
+    peak = chip.peak_flop_per_s.get(arithmetic)
     bandwidth = chip.hbm_bandwidth_bytes_per_s
     if not peak or not bandwidth:
         return None
     tables = max(executed_flops_per_device / peak, tables_bytes_per_device / bandwidth)
-    return Estimate(tables, passes * table_bytes / bandwidth, xla_tables_seconds)
+    return Estimate(tables, passes * table_bytes / bandwidth, xla_tables_seconds, arithmetic, peak)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +130,8 @@ class PlanReport:
     model: str
     vocab_size: int
     dtype: str
+    matmul_precision: str
+    arithmetic: str  # what the products compile to (priced_arithmetic)
     methods: tuple[str, ...]
     ag_iterations: int
     prefetch: int
@@ -132,6 +161,9 @@ class PlanReport:
             "model": self.model,
             "vocab_size": self.vocab_size,
             "dtype": self.dtype,
+            "matmul_precision": self.matmul_precision,
+            "arithmetic": self.arithmetic,
+            "priced_flop_per_s": self.chip.peak_flop_per_s.get(self.arithmetic),
             "methods": list(self.methods),
             "ag_iterations": self.ag_iterations,
             "prefetch": self.prefetch,
@@ -149,9 +181,10 @@ class PlanReport:
             "xla_flops_per_pair": worst.xla_flops_per_pair,
             "estimated_seconds_per_pair": None if est is None else est.seconds_per_pair,
             "estimated_hours_per_1000_pairs": None if est is None else est.seconds_per_pair * 1000 / 3600,
-            "estimate_kind": "estimated (roofline from published peaks; compiled, not run)",
+            "estimate_kind": (f"estimated (roofline at the published {self.arithmetic} rate and HBM bandwidth; "
+                              "compiled, not run)"),
             "buckets": [_bucket_json(b) for b in self.buckets],
-            "peaks": {"flop_per_s": self.chip.peak_flop_per_s,
+            "peaks": {"flop_per_s": self.chip.peak_flop_per_s, "flop_per_s_sources": self.chip.peak_sources,
                       "hbm_bytes_per_s": self.chip.hbm_bandwidth_bytes_per_s, "sources": list(self.chip.sources)},
             "versions": self.versions,
             "compile_seconds": self.compile_seconds,
@@ -180,6 +213,8 @@ def _bucket_json(b: BucketPlan) -> dict[str, Any]:
         "ag_bytes_per_iteration_ideal": b.ag_bytes_per_iteration,
         "estimated_seconds_per_pair": None if est is None else est.seconds_per_pair,
         "estimated_tables_seconds": None if est is None else est.tables_seconds,
+        "priced_arithmetic": None if est is None else est.arithmetic,
+        "priced_flop_per_s": None if est is None else est.flop_per_s,
         "estimated_joints_metrics_seconds": None if est is None else est.joints_seconds,
         "xla_estimated_tables_seconds": None if est is None else est.xla_tables_seconds,
         "phases": [{"program": p.program, "held_bytes": p.held_bytes, "program_bytes": p.program_bytes,
@@ -204,10 +239,15 @@ def _duration(seconds: float) -> str:
 def format_plan(report: PlanReport) -> str:
     """The printed plan: a header, one row per length bucket, the verdict."""
     chip = report.chip
+    rate = chip.peak_flop_per_s.get(report.arithmetic)
+    priced = (f"at {rate / 1e12:,.4g} TFLOP/s a device ({chip.peak_sources.get(report.arithmetic, 'published')})"
+              if rate else f"no published rate for {report.arithmetic} on this chip")
     lines = [
         f"plan: {report.model} (V = {report.vocab_size:,}) on {report.target}: {report.devices} x {chip.name}"
         f"{f' over {report.hosts} hosts' if report.hosts > 1 else ''}, {report.dtype}, "
         f"methods {','.join(report.methods)}, AG {report.ag_iterations} iterations, prefetch {report.prefetch}",
+        f"products: matmul precision {report.matmul_precision} compiles to {report.arithmetic} "
+        f"({ARITHMETIC_NAMES[report.arithmetic]}); priced {priced}",
         f"memory per device: {_gib(chip.memory_bytes)}, usable {_gib(report.usable_bytes_per_device)} "
         f"({report.memory_note}); parameters {_gib(report.params_bytes)}",
         "compiled, not run: memory is XLA's analysis of the compiled programs; times are estimated "
