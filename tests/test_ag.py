@@ -8,6 +8,8 @@ not a fixed number of passes.
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -165,3 +167,32 @@ def test_iters_counts_every_pass_and_the_solvers_are_options():
         derive_joint(tables, "ag", tol=1e-6, solver="newton")
     with pytest.raises(UserError, match="iters"):
         derive_joint(tables, "ag_converged", iters=40)
+
+
+@pytest.mark.slow
+def test_a_run_scores_both_ags_from_the_same_tables(sharp_ckpt, sentences, tmp_path):
+    """``--methods ag,ag_converged``: the paper's 40 iterations and the fixed point side
+    by side in the records and the summary, each as derive_joint gives it."""
+    from jaxjoint.config import resolve_config, result_settings
+    from jaxjoint.run import evaluate
+
+    out = tmp_path / "run"
+    config = resolve_config({"model": str(sharp_ckpt), "data": str(sentences), "out": str(out),
+                             "methods": "ag,ag_converged", "max_sentences": 2, "ag_solver": "accelerated",
+                             "devices": 1})
+    assert result_settings(config.to_dict())["ag_converged"] == {"tol": 1e-6, "max_iters": 10_000,
+                                                                  "solver": "accelerated"}
+    summary = evaluate(config, quiet=True)
+    assert summary["ag"]["iters_max"] == 40 and summary["ag_converged"]["delta_max"] < 1e-6
+    assert "AG (converged)" in (out / "summary.md").read_text()
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    mlm = load_mlm(sharp_ckpt)
+    for r in records:
+        ids, (a, b) = r["input_ids"], r["positions"]
+        tables = pair_tables(mlm, ids, a, b)
+        for method, options in (("ag", {}), ("ag_converged", {"tol": 1e-6, "solver": "accelerated"})):
+            expected = pair_metrics(tables, derive_joint(tables, method, **options), tuple(r["gold"]))
+            for key in METRICS:
+                np.testing.assert_allclose(r["metrics"][method][key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    with pytest.raises(UserError, match="solver"):
+        resolve_config({"ag_solver": "newton"})
