@@ -17,15 +17,11 @@ import pytest
 from scipy.special import logsumexp
 
 from jaxjoint import load_mlm
-from jaxjoint.data import make_pairs
 from jaxjoint.errors import UserError
 from jaxjoint.joints import derive_joint
 from jaxjoint.metrics import METRICS, pair_metrics
-from jaxjoint.sharding import make_mesh
 from jaxjoint.tables import pair_tables
-from tests.modern_fixtures import make_esm_checkpoint
 from tests.references import Raw, random_raw, ref_metrics_of
-from tests.words import WORDS
 
 
 def ref_map(lqa: jnp.ndarray, lqb: jnp.ndarray):
@@ -106,37 +102,6 @@ def check_against_reference(tables, gold, mesh=None):
 def test_solvers_reach_the_fixed_point_on_random_tables(scale, seed):
     raw = random_raw(29, scale, seed=seed)
     check_against_reference(raw.tables(), (3, 17))
-
-
-@pytest.fixture(scope="module")
-def bert(sharp_ckpt):
-    return load_mlm(sharp_ckpt)
-
-
-@pytest.fixture(scope="module")
-def esm(tmp_path_factory):
-    return load_mlm(make_esm_checkpoint(tmp_path_factory.mktemp("esm_ag"), head_gain=8.0))
-
-
-def one_pair(mlm, text, mesh):
-    (pair,), _ = make_pairs([text], mlm.tokenizer, masking="random", seed=0, max_length=64)
-    return pair_tables(mlm, pair.input_ids, pair.a, pair.b, mesh=mesh), pair.gold
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 8])
-def test_solvers_reach_the_fixed_point_on_bert(bert, devices):
-    mesh = make_mesh(jax.devices()[:devices])
-    tables, gold = one_pair(bert, " ".join(WORDS[:9]), mesh)
-    check_against_reference(tables, gold, mesh)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("devices", [1, 8])
-def test_solvers_reach_the_fixed_point_on_esm(esm, devices):
-    mesh = make_mesh(jax.devices()[:devices])
-    tables, gold = one_pair(esm, "MKTAYIAKQRQISFVKSHFSRQ", mesh)
-    check_against_reference(tables, gold, mesh)
 
 
 def test_delta_estimates_the_distance_from_the_fixed_point():

@@ -35,7 +35,7 @@ SOLVERS = ("plain", "accelerated")
 MEMORY = 8  # Anderson's secants (DESIGN.md §1: measured against 3 and 5)
 RESTART = 10.0  # residual growth over the smallest seen that discards the memory
 _RIDGE = 1e-6
-_CLEAN_SECANT = 256 * 2.0**-24 * 2
+_CLEAN_SECANT = 2.0**-17  # ~32 x float32's rounding of a residual's L1 norm
 
 
 def schedule(iters: int | None = None, tol: float | None = None, max_iters: int | None = None,
@@ -175,16 +175,20 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
         def step(s):
             fx, log_z, res = apply(s["x"])
             l1 = _l1(res)
-            # The secant of F - I between this point and the last accepted one: how much a
-            # change of x changes the residual (DESIGN.md §1, the stopping rule).
-            dx = _l1(jax.tree.map(lambda a, b: jnp.exp(a) - jnp.exp(b), s["x"], s["x_prev"]))
-            dr = _l1(jax.tree.map(jnp.subtract, res, s["res_prev"]))
-            # The largest over the run, of secants well above float32's rounding of the
-            # residuals (2^-24 of each marginal's mass): near that floor a secant is noise.
-            ratio = jnp.where((s["i"] > 0) & (dr > _CLEAN_SECANT), dx / dr, 0.0)
-            kappa = jnp.maximum(s["kappa"], ratio)
-            delta = jnp.where(s["i"] > 0, jnp.maximum(kappa - 1, 0.0) * l1, jnp.inf)
-            new = dict(s, i=s["i"] + 1, fx=fx, log_z=log_z, delta=delta, kappa=kappa)
+            # Secants of F - I against an anchor, an earlier point: how much a change of x
+            # changes the residual (DESIGN.md §1, the stopping rule). The anchor is kept until
+            # the residual has changed well beyond float32's rounding of it (a one-pass secant
+            # of a slow contraction is rounding noise), then moved here; kappa is the largest.
+            dx = _l1(jax.tree.map(lambda a, b: jnp.exp(a) - jnp.exp(b), s["x"], s["anchor_x"]))
+            dr = _l1(jax.tree.map(jnp.subtract, res, s["anchor_r"]))
+            clean = (s["i"] > 0) & (dr > _CLEAN_SECANT)
+            kappa = jnp.maximum(s["kappa"], jnp.where(clean, dx / dr, 0.0))
+            move = clean | (s["i"] == 0)
+            anchor_x = jax.tree.map(lambda a, b: jnp.where(move, a, b), s["x"], s["anchor_x"])
+            anchor_r = jax.tree.map(lambda a, b: jnp.where(move, a, b), res, s["anchor_r"])
+            delta = jnp.where(kappa > 0, jnp.maximum(kappa - 1, 0.0) * l1, jnp.inf)
+            new = dict(s, i=s["i"] + 1, fx=fx, log_z=log_z, delta=delta, kappa=kappa, anchor_x=anchor_x,
+                       anchor_r=anchor_r)
             if not accelerated:
                 return dict(new, x=fx, x_prev=s["x"], res_prev=res, l1_prev=l1)
             return _anderson(s, new, fx, res, l1, rows)
@@ -196,7 +200,7 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
         x = (log_pa, log_pb)
         zeros = jax.tree.map(jnp.zeros_like, x)
         init = dict(i=jnp.int32(0), x=x, fx=x, log_z=zero, delta=jnp.float32(jnp.inf), x_prev=x,
-                    res_prev=zeros, l1_prev=jnp.float32(jnp.inf), kappa=zero)
+                    res_prev=zeros, l1_prev=jnp.float32(jnp.inf), kappa=zero, anchor_x=x, anchor_r=zeros)
         if accelerated:
             memory = jax.tree.map(lambda a: jnp.broadcast_to(jnp.zeros_like(a), (MEMORY,) + a.shape), x)
             init.update(g_prev=zeros, dx=memory, dg=memory, count=jnp.int32(0), best=jnp.float32(jnp.inf))
