@@ -94,3 +94,14 @@ def test_tables_throughput_benchmark_runs_on_tiny_shapes(tmp_path):
                          text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(out.read_text())["results"]
+
+
+@pytest.mark.slow
+def test_ag_methods_benchmark_runs_on_a_tiny_corner(tmp_path):
+    out = tmp_path / "methods.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ag_methods", "--pairs", "1", "--corner", "64",
+                          "--cap", "20", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {r["solver"] for r in rows} >= {"plain", "squarem", "anderson m=8, sqrt(p)"}
+    assert all(r["seconds"] > 0 for r in rows)
