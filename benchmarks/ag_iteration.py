@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import machine, measured_bandwidth, print_table, write_json
-from jaxjoint.joints import default_block_rows, derive_joint
+from jaxjoint.joints import derive_joint
+from jaxjoint.joints.streaming import default_block_rows
 from jaxjoint.tables import tables_from_logits
 
 

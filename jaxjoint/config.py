@@ -34,7 +34,7 @@ import yaml
 from jaxjoint import default
 from jaxjoint.data import EMBEDDED_SAMPLE, MASKINGS, default_limit, is_data_name, local_copy
 from jaxjoint.errors import UserError
-from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
+from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, AG_SOLVERS, ALL_METHODS, CONVERGED_TOL, METHODS
 from jaxjoint.models.mlm import DTYPES
 from jaxjoint.models.precision import MODES as MATMUL_PRECISIONS
 from jaxjoint.plan.planner import DEFAULT_LENGTHS
@@ -82,7 +82,7 @@ class EvalConfig:
                                        metavar="N", per_host=True, commands=("evaluate",))
     seed: int = option(0, "seed of the masked positions, drawn per sentence from (seed, index)", kind="int",
                        minimum=0, metavar="S", result=True, commands=("evaluate",))
-    methods: tuple[str, ...] = option(METHODS, f"comma-separated subset of {','.join(METHODS)}", kind="methods",
+    methods: tuple[str, ...] = option(METHODS, f"comma-separated subset of {','.join(ALL_METHODS)}", kind="methods",
                                       metavar="LIST", result=True)
     ag_iters: int = option(AG_ITERS, "AG's fixed iteration count (40 is the paper's), used when no ag_tol is given",
                            kind="int", minimum=1, metavar="N")
@@ -90,6 +90,8 @@ class EvalConfig:
                                   kind="positive", metavar="TOL")
     ag_max_iters: int = option(AG_MAX_ITERS, "with ag_tol, the most AG iterations", kind="int", minimum=1,
                                metavar="N")
+    ag_solver: str | None = option(None, "AG to a tolerance: plain or accelerated (the default; DESIGN.md §1)",
+                                   kind="choice", choices=AG_SOLVERS, metavar="SOLVER")
     dtype: str = option("float32", "compute dtype of the forward passes: float32 or bfloat16", kind="choice",
                         choices=tuple(DTYPES), metavar="DTYPE", result=True)
     matmul_precision: str | None = option(
@@ -108,8 +110,12 @@ class EvalConfig:
                              metavar="DIR", per_host=True, commands=("evaluate",))
 
     def ag_options(self) -> dict[str, Any]:
-        """Keyword options for ``derive_joint(tables, "ag", ...)``."""
-        return ag_options(self.to_dict())
+        """Keyword options for ``derive_joint(tables, "ag", ...)``; with ``ag_converged``
+        among the methods, its options under the key ``"ag_converged"`` too."""
+        options = ag_options(self.to_dict())
+        if "ag_converged" in self.methods:
+            options["ag_converged"] = ag_converged_options(self.to_dict())
+        return options
 
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML/JSON-ready values (``methods`` as a list)."""
@@ -298,7 +304,19 @@ def ag_options(values: Mapping[str, Any]) -> dict[str, Any]:
     the cap under a tolerance in ``ag_iters``)."""
     if values.get("ag_tol") is None:
         return {"iters": values.get("ag_iters")}
-    return {"tol": values["ag_tol"], "max_iters": values.get("ag_max_iters", values.get("ag_iters"))}
+    options = {"tol": values["ag_tol"], "max_iters": values.get("ag_max_iters", values.get("ag_iters"))}
+    if values.get("ag_solver") is not None:
+        options["solver"] = values["ag_solver"]
+    return options
+
+
+def ag_converged_options(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``derive_joint`` options for ``ag_converged``: to ``ag_tol`` (default
+    ``CONVERGED_TOL``), at most ``ag_max_iters`` passes, with ``ag_solver``."""
+    options = {"tol": values.get("ag_tol") or CONVERGED_TOL, "max_iters": values.get("ag_max_iters") or AG_MAX_ITERS}
+    if values.get("ag_solver") is not None:
+        options["solver"] = values["ag_solver"]
+    return options
 
 
 def matmul_precision_of(values: Mapping[str, Any]) -> str:
@@ -315,6 +333,8 @@ def result_settings(values: Mapping[str, Any]) -> dict[str, Any]:
     settings["matmul_precision"] = matmul_precision_of(values)
     if "ag" in (values.get("methods") or ()):
         settings["ag"] = ag_options(values)
+    if "ag_converged" in (values.get("methods") or ()):
+        settings["ag_converged"] = ag_converged_options(values)
     return settings
 
 
@@ -411,10 +431,10 @@ def _methods(value: Any, name: str = "methods") -> tuple[str, ...]:
         raise UserError(f"{name} must be a list or a comma-separated string")
     names = [str(n).strip() for n in names if str(n).strip()]
     if not names:
-        raise UserError(f"{name} is empty; choose from {', '.join(METHODS)}")
+        raise UserError(f"{name} is empty; choose from {', '.join(ALL_METHODS)}")
     for name in names:
-        if name not in METHODS:
-            raise UserError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+        if name not in ALL_METHODS:
+            raise UserError(f"unknown method {name!r}; choose from {', '.join(ALL_METHODS)}")
     if len(set(names)) < len(names):
         raise UserError(f"{name} lists a method twice: {', '.join(names)}")
     return tuple(names)

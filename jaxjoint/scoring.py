@@ -23,8 +23,11 @@ AG_DIAGNOSTICS = ("iters", "delta", "objective")
 
 def derive_all(tables: PairTables, methods: Sequence[str], ag_options: dict[str, Any],
                mesh: Mesh | None) -> dict[str, Joint]:
-    """``{method: derive_joint(tables, method)}``, AG with ``ag_options``."""
-    return {m: derive_joint(tables, m, mesh=mesh, **(ag_options if m == "ag" else {})) for m in methods}
+    """``{method: derive_joint(tables, method)}``, AG with ``ag_options`` (``EvalConfig.ag_options``:
+    ``ag_converged``'s under that key)."""
+    ag = {k: v for k, v in ag_options.items() if k != "ag_converged"}
+    options = {"ag": ag, "ag_converged": ag_options.get("ag_converged", {})}
+    return {m: derive_joint(tables, m, mesh=mesh, **options.get(m, {})) for m in methods}
 
 
 def score_joints(
@@ -41,7 +44,7 @@ def score_joints(
     for method, joint in joints.items():
         values = pair_metrics(tables, joint, gold)
         values = {key: values[key] for key in METRICS}  # jit returns dicts in sorted key order
-        if method == "ag":
+        if method in ("ag", "ag_converged"):
             values.update(ag_diagnostics(joint))
         metrics[method] = values
     return metrics, mlm_unary_nll(tables, gold)

@@ -59,11 +59,22 @@ def reference_joints(fa, fb, ma, mb, *, ag_iters=40):
     }
     qa, qb = np.exp(lqa), np.exp(lqb)
     p = np.full((v, v), 1.0 / v**2)
+    # delta: DESIGN.md §1's estimate of the distance from the fixed point, (kappa - 1) |r|,
+    # kappa the largest secant ratio |x - x'| / |r(x) - r(x')| against the anchor x'
+    kappa, anchor = 0.0, None
     for _ in range(ag_iters):
         pa, pb = p.sum(1), p.sum(0)
         new = (qa + qb) / (1 / pa[:, None] + 1 / pb[None, :])
         new /= new.sum()
-        delta = np.abs(new.sum(1) - pa).sum() + np.abs(new.sum(0) - pb).sum()
+        x, r = np.concatenate([pa, pb]), np.concatenate([new.sum(1) - pa, new.sum(0) - pb])
+        if anchor is None:
+            anchor = x, r
+        else:
+            dr = np.abs(r - anchor[1]).sum()
+            if dr > 2.0**-17:
+                kappa = max(kappa, np.abs(x - anchor[0]).sum() / dr)
+                anchor = x, r
+        delta = (max(kappa - 1, 0.0) if kappa > 0 else np.inf) * np.abs(r).sum()
         p = new
     joints["ag"] = np.log(p)
     info = {"iters": ag_iters, "delta": delta, "objective": kl_sums(lqa, lqb, np.log(p)).sum()}
@@ -110,8 +121,8 @@ KL_FLOAT32 = 5e-7
 
 
 def close(key, got, want, rel_tol, kl_floor=2e-7, vocab_size=None):
-    # delta is the difference of two successive iterates (marginals summing to 2):
-    # float32 rounds each to about 1e-7, whatever the size of the difference. A KL
+    # delta is (kappa - 1) times the difference of two successive iterates (marginals
+    # summing to 2): float32 rounds each to about 1e-7, whatever the size of the difference. A KL
     # is a q-weighted sum of log-probability differences of size up to ~4 here,
     # each rounded to ~6e-8 relative in float32: about 2e-7, however small the KL
     # (KL_FLOAT32 where the sizes are larger). With vocab_size, J, the sum of the
@@ -119,6 +130,11 @@ def close(key, got, want, rel_tol, kl_floor=2e-7, vocab_size=None):
     abs_tol = {"delta": 1e-6, "kl_gold": kl_floor, "kl_all": kl_floor}.get(key, 0.0)
     if key == "objective" and vocab_size is not None:
         abs_tol = 2 * vocab_size * kl_floor
+    if key == "delta":
+        # an estimate (DESIGN.md §1): kappa is a ratio over a difference of residuals, which
+        # float32 resolves to ~1e-3 of itself far from the fixed point and ~10 % near
+        # float32's floor; tests/test_ag.py holds it to the true distance instead
+        rel_tol = max(rel_tol, 0.25)
     return math.isclose(got, want, rel_tol=rel_tol, abs_tol=abs_tol)
 
 

@@ -3,6 +3,7 @@
 Nothing here checks a time: the numbers are whatever this machine gives.
 """
 
+import importlib
 import json
 import os
 import subprocess
@@ -103,3 +104,46 @@ def test_run_gpu_script_runs_every_step_at_tiny_shapes(tmp_path):
     assert all(r["s_total"] > 0 for r in e2e["results"])
     ag = json.loads((out / "ag_iteration.json").read_text())
     assert ag["results"]
+
+
+BENCHMARK_MODULES = sorted(p.stem for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__")
+
+
+@pytest.mark.parametrize("module", BENCHMARK_MODULES)
+def test_every_benchmark_module_imports(module):
+    """Every module under benchmarks/ imports (a renamed jaxjoint name fails here, not on the GPU)."""
+    importlib.import_module(f"benchmarks.{module}")
+
+
+@pytest.mark.slow
+def test_ag_iteration_benchmark_runs_on_tiny_tables(tmp_path):
+    out = tmp_path / "ag.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ag_iteration", "--vocab", "64", "--extra", "2",
+                          "--repeats", "1", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["vocab"] == 64 and report["copy_bandwidth_bytes_per_s"] > 0
+    assert {r["implementation"] for r in report["results"]} >= {"jaxjoint (streaming, one table)"}
+    assert report["max_abs_difference"]["dense_log"] < 1e-4
+
+
+@pytest.mark.slow
+def test_tables_throughput_benchmark_runs_on_tiny_shapes(tmp_path):
+    out = tmp_path / "tables.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.tables_throughput", "--shape", "default", "--length",
+                          "16", "--rows", "8", "--chunk", "8", "--json", str(out)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert json.loads(out.read_text())["results"]
+
+
+@pytest.mark.slow
+def test_ag_methods_benchmark_runs_on_a_tiny_corner(tmp_path):
+    out = tmp_path / "methods.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ag_methods", "--pairs", "1", "--corner", "64",
+                          "--cap", "20", "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["results"]
+    assert {r["solver"] for r in rows} >= {"plain", "squarem", "anderson m=8, sqrt(p)"}
+    assert all(r["seconds"] > 0 for r in rows)

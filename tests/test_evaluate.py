@@ -103,8 +103,8 @@ def test_every_number_matches_float64_pytorch_reference(full_run, torch_double, 
 
 def test_contiguous_masking_and_ag_to_tolerance(sharp_ckpt, data_file, tmp_path, torch_double, capsys):
     config = run_config(sharp_ckpt, data_file, tmp_path / "run", masking="contiguous", methods="hcb,ag",
-                        ag_tol=1e-3, max_sentences=4)
-    assert config.ag_options() == {"tol": 1e-3, "max_iters": 10_000}
+                        ag_tol=1e-3, max_sentences=4, ag_solver="plain")  # the reference replays plain passes
+    assert config.ag_options() == {"tol": 1e-3, "max_iters": 10_000, "solver": "plain"}
     summary = evaluate(config)
     assert "| HCB |" in capsys.readouterr().out  # the table goes to stdout
     mask_id = load_mlm(sharp_ckpt).mask_token_id
@@ -115,7 +115,9 @@ def test_contiguous_masking_and_ag_to_tolerance(sharp_ckpt, data_file, tmp_path,
         assert b == a + 1
         ag = r["metrics"]["ag"]
         assert ag["delta"] < 1e-3 and 1 <= ag["iters"] < 10_000
-        assert_matches_reference(r, reference_record(torch_double, r, mask_id, ag_iters=ag["iters"]), ("hcb", "ag"))
+        # the honest stopping rule runs more passes, near float32's floor: J to its 2V-KL resolution
+        assert_matches_reference(r, reference_record(torch_double, r, mask_id, ag_iters=ag["iters"]), ("hcb", "ag"),
+                                 floor_objective=True)
 
 
 @pytest.mark.slow

@@ -8,7 +8,18 @@
 
 from jaxjoint.joints.ag import ITERS as AG_ITERS
 from jaxjoint.joints.ag import MAX_ITERS as AG_MAX_ITERS
-from jaxjoint.joints.joint import LABELS, METHODS, OPTIONS, Joint, derive_joint, objective, resolve_mesh
+from jaxjoint.joints.ag import SOLVERS as AG_SOLVERS
+from jaxjoint.joints.joint import (
+    ALL_METHODS,
+    CONVERGED_TOL,
+    LABELS,
+    METHODS,
+    OPTIONS,
+    Joint,
+    derive_joint,
+    objective,
+    resolve_mesh,
+)
 
-__all__ = ["AG_ITERS", "AG_MAX_ITERS", "LABELS", "METHODS", "OPTIONS", "Joint", "derive_joint", "objective",
-           "resolve_mesh"]
+__all__ = ["AG_ITERS", "AG_MAX_ITERS", "AG_SOLVERS", "ALL_METHODS", "CONVERGED_TOL", "LABELS", "METHODS",
+           "OPTIONS", "Joint", "derive_joint", "objective", "resolve_mesh"]

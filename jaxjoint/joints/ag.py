@@ -31,28 +31,37 @@ from jaxjoint.sharding import VOCAB_AXIS
 
 ITERS = 40  # the paper's fixed iteration count
 MAX_ITERS = 10_000  # cap when iterating to a tolerance
+SOLVERS = ("plain", "accelerated")
+MEMORY = 8  # Anderson's secants (DESIGN.md §1: measured against 3 and 5)
+RESTART = 10.0  # residual growth over the smallest seen that discards the memory
+_RIDGE = 1e-6
+_CLEAN_SECANT = 2.0**-17  # ~32 x float32's rounding of a residual's L1 norm
 
 
-def schedule(iters: int | None = None, tol: float | None = None,
-             max_iters: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """(iteration cap int32[], tolerance float32[]) for the AG while loop from
-    ``derive_joint``'s options; tolerance 0 means a fixed count.
+def schedule(iters: int | None = None, tol: float | None = None, max_iters: int | None = None,
+             solver: str | None = None) -> tuple[jax.Array, jax.Array, bool]:
+    """(pass cap int32[], tolerance float32[], accelerated) for the AG while loop from
+    ``derive_joint``'s options; tolerance 0 means a fixed count of plain iterations.
 
     Raises ``UserError`` for contradictory or out-of-range options.
     """
+    if solver is not None and solver not in SOLVERS:
+        raise UserError(f"ag solver must be one of {', '.join(SOLVERS)}, got {solver!r}")
     if tol is None:
         if max_iters is not None:
             raise UserError("ag option max_iters only applies with tol=")
+        if solver == "accelerated":
+            raise UserError("ag's fixed count (iters=) is the plain iteration; solver='accelerated' needs tol=")
         iters = ITERS if iters is None else iters
         if iters < 1:
             raise UserError(f"ag needs iters >= 1, got {iters}")
-        return jnp.int32(iters), jnp.float32(0.0)
+        return jnp.int32(iters), jnp.float32(0.0), False
     if iters is not None:
         raise UserError("ag takes either iters= (fixed count) or tol= (to convergence), not both")
     max_iters = MAX_ITERS if max_iters is None else max_iters
     if not tol > 0 or max_iters < 1:
         raise UserError(f"ag needs tol > 0 and max_iters >= 1, got tol={tol}, max_iters={max_iters}")
-    return jnp.int32(max_iters), jnp.float32(tol)
+    return jnp.int32(max_iters), jnp.float32(tol), solver != "plain"
 
 
 # Bound on one term dropped by float32 underflow in AG's sums: the smallest
@@ -127,15 +136,19 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
     return lax.cond(trusted, lambda: (jnp.log(row_sum) + s + c, col_lse), redo)
 
 
-def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
-    """Arnold-Gokhale from the uniform joint, for at most ``max_steps`` iterations
-    and until the L1 change of the two marginals is below ``tol`` (0: a fixed count).
+def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, accelerated: bool = False):
+    """Arnold-Gokhale from the uniform joint: at most ``max_steps`` passes over the
+    table, until the estimated L1 distance of the reported marginals from the fixed
+    point is below ``tol`` (0: a fixed count of plain iterations).
 
     fa, fb: logit tables float32[Vp, V], row-sharded on ``mesh``; norm_a, norm_b:
     their ``Normaliser``s ([V] and [Vp]); valid: bool[Vp], False on padding rows.
-    Returns (log pA of the previous iterate [Vp], log pB of it [V], log Z,
-    log pA [Vp], log pB [V] of the last iterate, iterations, last L1 change):
-    the last joint is ``cell("ag")`` with the previous marginals, minus log Z.
+    accelerated: extrapolate over the last ``MEMORY`` iterates (Anderson, DESIGN.md §1)
+    instead of the plain iteration.
+    Returns (log pA of the last iterate x [Vp], log pB of it [V], log Z, log pA [Vp],
+    log pB [V] of F(x), passes, delta): the joint is ``cell("ag")`` with x's
+    marginals minus log Z, and its marginals are F(x), the reported ones; delta
+    estimates their L1 distance from the fixed point (``distance_estimate``).
     """
     v = fa.shape[1]
     cell = block_cell("ag")
@@ -144,34 +157,128 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol):
         # One local table more than the inputs, so each iteration reads one table. (XLA's CPU
         # backend holds a second table-sized temporary here; plans read the real peak per target.)
         table = invariant_table(fa, fb, norm_a, norm_b)
+        rows = jnp.isfinite(log_pa)
 
-        def step(state):
-            i, _, _, log_pa, log_pb, _, _ = state
+        def apply(x):
+            """One pass: F(x) as log marginals, log Z, and the residual F(x) - x in probability space."""
+            log_pa, log_pb = x
 
             def exact():
                 return local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
 
             row_lse, col_lse = iteration_sums(table, log_pa, log_pb, exact, block_rows)
             log_z = jax.nn.logsumexp(col_lse)
-            new_pa, new_pb = row_lse - log_z, col_lse - log_z
-            l1 = lax.psum(jnp.abs(jnp.exp(new_pa) - jnp.exp(log_pa)).sum(), VOCAB_AXIS)
-            l1 += jnp.abs(jnp.exp(new_pb) - jnp.exp(log_pb)).sum()
-            return i + 1, log_pa, log_pb, new_pa, new_pb, log_z, l1
+            fx = (row_lse - log_z, col_lse - log_z)
+            res = jax.tree.map(lambda f, x: jnp.exp(f) - jnp.exp(x), fx, x)
+            return fx, log_z, res
 
-        def keep_going(state):
-            i, *_, l1 = state
-            return (i < max_steps) & (l1 >= tol)
+        def step(s):
+            fx, log_z, res = apply(s["x"])
+            l1 = _l1(res)
+            # Secants of F - I against an anchor, an earlier point: how much a change of x
+            # changes the residual (DESIGN.md §1, the stopping rule). The anchor is kept until
+            # the residual has changed well beyond float32's rounding of it (a one-pass secant
+            # of a slow contraction is rounding noise), then moved here; kappa is the largest.
+            dx = _l1(jax.tree.map(lambda a, b: jnp.exp(a) - jnp.exp(b), s["x"], s["anchor_x"]))
+            dr = _l1(jax.tree.map(jnp.subtract, res, s["anchor_r"]))
+            clean = (s["i"] > 0) & (dr > _CLEAN_SECANT)
+            kappa = jnp.maximum(s["kappa"], jnp.where(clean, dx / dr, 0.0))
+            move = clean | (s["i"] == 0)
+            anchor_x = jax.tree.map(lambda a, b: jnp.where(move, a, b), s["x"], s["anchor_x"])
+            anchor_r = jax.tree.map(lambda a, b: jnp.where(move, a, b), res, s["anchor_r"])
+            delta = jnp.where(kappa > 0, jnp.maximum(kappa - 1, 0.0) * l1, jnp.inf)
+            new = dict(s, i=s["i"] + 1, fx=fx, log_z=log_z, delta=delta, kappa=kappa, anchor_x=anchor_x,
+                       anchor_r=anchor_r)
+            if not accelerated:
+                return dict(new, x=fx, x_prev=s["x"], res_prev=res, l1_prev=l1)
+            return _anderson(s, new, fx, res, l1, rows)
+
+        def keep_going(s):
+            return (s["i"] < max_steps) & ~(s["delta"] < tol)  # a NaN estimate stops nothing
 
         zero = jnp.zeros((), jnp.float32)
-        init = (jnp.int32(0), log_pa, log_pb, log_pa, log_pb, zero, jnp.float32(jnp.inf))
-        return lax.while_loop(keep_going, step, init)
+        x = (log_pa, log_pb)
+        zeros = jax.tree.map(jnp.zeros_like, x)
+        init = dict(i=jnp.int32(0), x=x, fx=x, log_z=zero, delta=jnp.float32(jnp.inf), x_prev=x,
+                    res_prev=zeros, l1_prev=jnp.float32(jnp.inf), kappa=zero, anchor_x=x, anchor_r=zeros)
+        if accelerated:
+            memory = jax.tree.map(lambda a: jnp.broadcast_to(jnp.zeros_like(a), (MEMORY,) + a.shape), x)
+            init.update(g_prev=zeros, dx=memory, dg=memory, count=jnp.int32(0), best=jnp.float32(jnp.inf))
+        s = lax.while_loop(keep_going, step, init)
+        # x_prev: the point the last pass was applied to (x is already the next one)
+        return s["i"], s["x_prev"], s["fx"], s["log_z"], s["delta"]
 
     uniform = jnp.float32(-math.log(v))
     log_pa = jnp.where(valid, uniform, -jnp.inf)
     log_pb = jnp.full((v,), uniform)
     specs = (ROWS, ROWS, ROWS, ROWS, REPLICATED, REPLICATED, REPLICATED, REPLICATED)
-    out = (REPLICATED, ROWS, REPLICATED, ROWS, REPLICATED, REPLICATED, REPLICATED)
-    i, prev_pa, prev_pb, log_pa, log_pb, log_z, l1 = shard(mesh, local, specs, out)(
+    out = (REPLICATED, (ROWS, REPLICATED), (ROWS, REPLICATED), REPLICATED, REPLICATED)
+    i, (prev_pa, prev_pb), (log_pa, log_pb), log_z, delta = shard(mesh, local, specs, out)(
         fa, fb, norm_b, log_pa, norm_a, log_pb, max_steps, tol
     )
-    return prev_pa, prev_pb, log_z, log_pa, log_pb, i, l1
+    return prev_pa, prev_pb, log_z, log_pa, log_pb, i, delta
+
+
+def _l1(pair) -> jax.Array:
+    """L1 norm of a (row part [n], column part [V]) pair of vectors, rows summed over devices."""
+    a, b = pair
+    return lax.psum(jnp.abs(a).sum(), VOCAB_AXIS) + jnp.abs(b).sum()
+
+
+def _finite_diff(a, b):
+    """a - b, 0 where either is -inf (padding rows)."""
+    return jnp.where(jnp.isfinite(a) & jnp.isfinite(b), a - b, 0.0)
+
+
+def _normalised(pair):
+    """Log marginals shifted to sum to 1 each; the row part's sum is over all devices."""
+    a, b = pair
+    return a - logsumexp_across_devices(jax.nn.logsumexp(a)), b - jax.nn.logsumexp(b)
+
+
+def _anderson(s, new, fx, res, l1, rows):
+    """The next iterate after the point ``s["x"]`` (image ``fx``, residual ``res``,
+    its L1 norm ``l1``): Anderson extrapolation over the last ``MEMORY`` secants of
+    G(x) = F(x) - x in log-marginal space, the least squares weighted by sqrt(p);
+    the plain step F(x), memory cleared, when the residual has grown past
+    ``RESTART`` times the smallest seen or the extrapolation is not finite."""
+    x = s["x"]
+    g = jax.tree.map(_finite_diff, fx, x)
+    restart = l1 > RESTART * s["best"]
+    count = jnp.where(restart, 0, s["count"])
+    slot = (count - 1) % MEMORY
+    add = count >= 1
+
+    def remember(memory, a, b):
+        return memory.at[slot].set(jnp.where(add, _finite_diff(a, b), memory[slot]))
+
+    dx = jax.tree.map(remember, s["dx"], x, s["x_prev"])
+    dg = jax.tree.map(remember, s["dg"], g, s["g_prev"])
+    count = count + 1
+    used = jnp.arange(MEMORY) < jnp.minimum(count - 1, MEMORY)
+
+    # Weighted by sqrt(p): a log-marginal's error matters as much as its probability mass
+    # (unweighted, the many near-zero tokens, whose logs move most, drive the fit).
+    weight = jax.tree.map(lambda a: jnp.exp(0.5 * a), x)
+    a_mat = jax.tree.map(lambda d, w: d * w[None, :], dg, weight)
+    b_vec = jax.tree.map(lambda d, w: d * w, g, weight)
+    hi = lax.Precision.HIGHEST
+    gram = (lax.psum(jnp.einsum("in,jn->ij", a_mat[0], a_mat[0], precision=hi), VOCAB_AXIS)
+            + jnp.einsum("in,jn->ij", a_mat[1], a_mat[1], precision=hi))
+    rhs = (lax.psum(jnp.einsum("in,n->i", a_mat[0], b_vec[0], precision=hi), VOCAB_AXIS)
+           + jnp.einsum("in,n->i", a_mat[1], b_vec[1], precision=hi))
+    pair_used = used[:, None] & used[None, :]
+    eye = jnp.eye(MEMORY, dtype=jnp.float32)
+    gram = jnp.where(pair_used, gram, eye)
+    # float32 normal equations: a small ridge keeps nearly parallel secants from blowing up
+    gram = gram + _RIDGE * jnp.where(used, jnp.diagonal(gram), 0.0).max() * eye
+    gamma = jnp.where(used, jnp.linalg.solve(gram, jnp.where(used, rhs, 0.0)), 0.0)
+    step = jax.tree.map(
+        lambda x, g, dx, dg: x + g - jnp.einsum("i,in->n", gamma, dx + dg, precision=hi), x, g, dx, dg)
+    step = (jnp.where(rows, step[0], -jnp.inf), step[1])
+    step = _normalised(step)
+    ok = jnp.isfinite(lax.psum(jnp.where(rows, step[0], 0.0).sum(), VOCAB_AXIS) + step[1].sum())
+    ok = ok & (count > 1)
+    x_next = jax.tree.map(lambda e, f: jnp.where(ok, e, f), step, fx)
+    return dict(new, x=x_next, x_prev=x, res_prev=res, g_prev=g, dx=dx, dg=dg, count=count,
+                best=jnp.where(restart, l1, jnp.minimum(s["best"], l1)))

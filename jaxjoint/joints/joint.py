@@ -31,14 +31,20 @@ from jaxjoint.joints.streaming import default_block_rows, kl_sum, normalisers, r
 from jaxjoint.sharding import VOCAB_AXIS, local_mesh, mesh_size
 from jaxjoint.tables import PairTables
 
-METHODS = ("mlm", "mrf", "mrf_logit", "hcb", "ag")
-LABELS = {"mlm": "MLM", "mrf": "MRF", "mrf_logit": "MRF-L", "hcb": "HCB", "ag": "AG"}  # the paper's names
+METHODS = ("mlm", "mrf", "mrf_logit", "hcb", "ag")  # the paper's, a run's default
+# ag_converged: AG's fixed point (DESIGN.md §1), to score beside the paper's 40 iterations
+ALL_METHODS = METHODS + ("ag_converged",)
+# the paper's names, and the converged AG's
+LABELS = {"mlm": "MLM", "mrf": "MRF", "mrf_logit": "MRF-L", "hcb": "HCB", "ag": "AG", "ag_converged": "AG (converged)"}
+AG_METHODS = ("ag", "ag_converged")
+CONVERGED_TOL = 1e-6  # ag_converged's default tolerance
 OPTIONS = {
     "mlm": (),
     "mrf": (),
     "mrf_logit": (),
     "hcb": ("pivot",),
-    "ag": ("iters", "tol", "max_iters"),
+    "ag": ("iters", "tol", "max_iters", "solver"),
+    "ag_converged": ("tol", "max_iters", "solver"),
 }
 
 
@@ -179,8 +185,8 @@ def _to_dense(joint: Joint):
 # --- deriving a joint ----------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("method", "mesh", "block_rows"))
-def _derive(tables: PairTables, pivot, max_steps, tol, *, method, mesh, block_rows):
+@functools.partial(jax.jit, static_argnames=("method", "mesh", "block_rows", "accelerated"))
+def _derive(tables: PairTables, pivot, max_steps, tol, *, method, mesh, block_rows, accelerated):
     """Everything of a ``Joint`` except ``tables``, ``method`` and ``mesh``."""
     fa, fb = tables.logits_a, tables.logits_b
     norm_a, norm_b = normalisers(tables)
@@ -198,20 +204,20 @@ def _derive(tables: PairTables, pivot, max_steps, tol, *, method, mesh, block_ro
         log_qa_pivot = norm_a.log_q(sharded_take(mesh, fa, pivot))
         row, col = jnp.zeros(vp), log_qb_pivot - log_qa_pivot
         info = {"pivot": pivot}
-    if method != "ag":
+    if method not in AG_METHODS:
         rows, cols = (fa, fb, norm_b, row), (norm_a, col)
         _, col_lse = row_col_lse(mesh, block_rows, block_cell(method), rows, cols)
         log_z = jax.nn.logsumexp(col_lse)
         return norm_a, norm_b, row, col, log_z, info
 
-    row, col, log_z, log_pa, log_pb, iters, l1 = ag.solve(
-        mesh, block_rows, fa, fb, norm_a, norm_b, tables.row_valid, max_steps, tol
+    row, col, log_z, log_pa, log_pb, iters, delta = ag.solve(
+        mesh, block_rows, fa, fb, norm_a, norm_b, tables.row_valid, max_steps, tol, accelerated=accelerated
     )
     rows, cols = (fa, fb, norm_b, row), (norm_a, col)
     # The last iterate's marginals are its row and column sums: no extra lse pass.
     cell = block_cell("ag")
     objective = kl_sum(mesh, block_rows, cell, rows, cols, log_pa + log_z, log_pb + log_z)
-    info = {"iters": iters, "delta": l1, "objective": objective}
+    info = {"iters": iters, "delta": delta, "objective": objective}
     return norm_a, norm_b, row, col, log_z, info
 
 
@@ -274,8 +280,8 @@ def derive_joint(
       UserError: unknown method or option, or invalid option values.
       ValueError: block_rows < 1.
     """
-    if method not in METHODS:
-        raise UserError(f"unknown joint method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in ALL_METHODS:
+        raise UserError(f"unknown joint method {method!r}; choose one of {', '.join(ALL_METHODS)}")
     unknown = sorted(set(options) - set(OPTIONS[method]))
     if unknown:
         allowed = ", ".join(OPTIONS[method]) or "none"
@@ -289,10 +295,13 @@ def derive_joint(
     pivot = options.get("pivot")
     if pivot is not None:
         check_range(pivot, tables.vocab_size, "hcb pivot")
-    max_steps, tol = ag.schedule(**{k: options[k] for k in OPTIONS["ag"] if k in options})
+    ag_options = {k: options[k] for k in OPTIONS["ag"] if k in options}
+    if method == "ag_converged":
+        ag_options.setdefault("tol", CONVERGED_TOL)
+    max_steps, tol, accelerated = ag.schedule(**ag_options)
 
     norm_a, norm_b, row, col, log_z, info = _derive(
-        tables, pivot, max_steps, tol, method=method, mesh=mesh, block_rows=block_rows
+        tables, pivot, max_steps, tol, method=method, mesh=mesh, block_rows=block_rows, accelerated=accelerated
     )
     return Joint(tables, norm_a, norm_b, row, col, log_z, info, method=method, mesh=mesh)
 

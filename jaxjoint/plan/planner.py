@@ -11,7 +11,7 @@ from typing import Any
 
 from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops
-from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, METHODS
+from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, ALL_METHODS, METHODS
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import DTYPES
 from jaxjoint.models.precision import check_mode
@@ -70,9 +70,9 @@ def make_plan(
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     check_mode(matmul_precision)
     methods = tuple(methods)
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in ALL_METHODS]
     if unknown:
-        raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+        raise UserError(f"unknown method {unknown[0]!r}; choose from {', '.join(ALL_METHODS)}")
     if prefetch < 0:
         raise UserError(f"prefetch must be >= 0, got {prefetch}")
     if not lengths:
@@ -103,7 +103,8 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
     mesh = target.mesh()
     n = mesh_size(mesh)
     bucket = bucket_length(length, config.max_positions)
-    options = {"ag": ag} if "ag" in methods else {}
+    converged = ag.get("ag_converged", {})  # EvalConfig.ag_options() carries ag_converged's inside
+    options = {"ag": {k: v for k, v in ag.items() if k != "ag_converged"}, "ag_converged": converged}
     both, assemble, joints, metrics, unary = fit.other_programs(mesh, config, bucket, dtype, methods, options,
                                                                 matmul_precision=matmul_precision)
     tables_cost = functools.partial(fit.tables_cost, mesh, config, bucket, dtype, matmul_precision=matmul_precision)

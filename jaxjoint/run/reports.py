@@ -49,9 +49,11 @@ def summarize(config: EvalConfig, records: Sequence[Record], skipped: Sequence[S
                     for m in config.methods},
         "mlm_unary_u_ppl": per_method[config.methods[0]]["mlm_unary_u_ppl"],  # the same for every method
     }
-    if "ag" in config.methods:
-        ag = [r["metrics"]["ag"] for r in records]
-        summary["ag"] = {
+    for method in ("ag", "ag_converged"):
+        if method not in config.methods:
+            continue
+        ag = [r["metrics"][method] for r in records]
+        summary[method] = {
             "iters_mean": float(np.mean([x["iters"] for x in ag])),
             "iters_max": int(max(x["iters"] for x in ag)),
             "delta_max": float(max(x["delta"] for x in ag)),

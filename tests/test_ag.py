@@ -1,0 +1,163 @@
+"""AG's solvers and stopping rule against a float64 reference of the fixed point.
+
+The reference is found in float64 by Newton's method on the log marginals (from a
+point that plain iteration brought near), and accepted only when one more
+application of the map moves it by less than 1e-12 in L1: it is the fixed point,
+not a fixed number of passes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy.special import logsumexp
+
+from jaxjoint import load_mlm
+from jaxjoint.errors import UserError
+from jaxjoint.joints import derive_joint
+from jaxjoint.metrics import METRICS, pair_metrics
+from jaxjoint.tables import pair_tables
+from tests.references import Raw, random_raw, ref_metrics_of
+
+
+def ref_map(lqa: jnp.ndarray, lqb: jnp.ndarray):
+    """AG's map on (log pA, log pB) concatenated, float64: the marginals of
+    (qA + qB) / (1/pA + 1/pB), normalised."""
+    v = lqa.shape[0]
+    log_q = jnp.logaddexp(lqa, lqb)
+
+    def f(u):
+        la, lb = u[:v] - jax.nn.logsumexp(u[:v]), u[v:] - jax.nn.logsumexp(u[v:])
+        log_p = log_q - jnp.logaddexp(-la[:, None], -lb[None, :])
+        log_p = log_p - jax.nn.logsumexp(log_p)
+        return jnp.concatenate([jax.nn.logsumexp(log_p, axis=1), jax.nn.logsumexp(log_p, axis=0)])
+
+    return f
+
+
+def ref_fixed_point(raw: Raw) -> np.ndarray:
+    """float64 log p [V, V] of AG's fixed point; asserts the map's residual is < 1e-12."""
+    with jax.enable_x64(True):
+        lqa, lqb = (jnp.asarray(x) for x in raw.log_q())
+        v = lqa.shape[0]
+        f = jax.jit(ref_map(lqa, lqb))
+        jac = jax.jit(jax.jacfwd(lambda u: f(u) - u))
+        u = jnp.full(2 * v, -np.log(v))
+        for _ in range(300):
+            u = f(u)
+        for _ in range(30):
+            g = f(u) - u
+            step = jnp.linalg.lstsq(jac(u), -g)[0]  # singular along the normalisation; lstsq
+            u = f(u + step)
+            if float(jnp.abs(jnp.exp(f(u)) - jnp.exp(u)).sum()) < 1e-13:
+                break
+        residual = float(jnp.abs(jnp.exp(f(u)) - jnp.exp(u)).sum())
+        assert residual < 1e-12, residual
+        la, lb = np.asarray(u[:v]), np.asarray(u[v:])
+        log_p = np.logaddexp(*raw.log_q()) - np.logaddexp(-la[:, None], -lb[None, :])
+        return log_p - logsumexp(log_p)
+
+
+def raw_of(tables) -> Raw:
+    v = tables.vocab_size
+    return Raw(*(np.asarray(x)[:v] for x in (tables.logits_a, tables.logits_b, tables.both_masked_a,
+                                               tables.both_masked_b)))
+
+
+def marginals(joint) -> np.ndarray:
+    dense = np.asarray(joint.to_dense(), np.float64)
+    return np.concatenate([np.exp(logsumexp(dense, axis=1)), np.exp(logsumexp(dense, axis=0))])
+
+
+def check_against_reference(tables, gold, mesh=None):
+    """Both solvers to tol 1e-7: the same marginals and metrics (1e-5 relative), the
+    accelerated J no higher, both equal to the float64 fixed point (1e-4 relative)."""
+    raw = raw_of(tables)
+    best = ref_fixed_point(raw)
+    expected = ref_metrics_of(raw, best, *gold)
+    best_marginals = np.concatenate([np.exp(logsumexp(best, axis=1)), np.exp(logsumexp(best, axis=0))])
+    runs = {}
+    for solver in ("plain", "accelerated"):
+        joint = derive_joint(tables, "ag", tol=1e-7, max_iters=20_000, solver=solver, mesh=mesh)
+        assert float(joint.info["delta"]) < 1e-7, solver
+        runs[solver] = joint, pair_metrics(tables, joint, gold)
+    (plain, plain_m), (fast, fast_m) = runs["plain"], runs["accelerated"]
+    assert int(fast.info["iters"]) < int(plain.info["iters"])
+    np.testing.assert_allclose(marginals(fast), marginals(plain), rtol=1e-5, atol=1e-9)
+    assert float(fast.info["objective"]) <= float(plain.info["objective"]) * (1 + 1e-5)
+    for key in METRICS:
+        np.testing.assert_allclose(fast_m[key], plain_m[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        for name, got in (("plain", plain_m), ("accelerated", fast_m)):
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}")
+    for joint in (plain, fast):
+        distance = np.abs(marginals(joint) - best_marginals).sum()
+        assert distance < 1e-6, distance  # within tol, up to float32's own resolution of the cells
+
+
+@pytest.mark.parametrize("scale,seed", [(1.0, 0), (1.0, 1)])
+def test_solvers_reach_the_fixed_point_on_random_tables(scale, seed):
+    raw = random_raw(29, scale, seed=seed)
+    check_against_reference(raw.tables(), (3, 17))
+
+
+def test_delta_estimates_the_distance_from_the_fixed_point():
+    """``delta`` is an estimate of the L1 distance of the reported marginals from the
+    fixed point, not the last step: after a fixed count, within a factor of 3."""
+    raw = random_raw(29, 3.0, seed=2)
+    best = ref_fixed_point(raw)
+    best_marginals = np.concatenate([np.exp(logsumexp(best, axis=1)), np.exp(logsumexp(best, axis=0))])
+    for iters in (20, 60):  # above float32's floor (about 1e-6 in L1 here)
+        joint = derive_joint(raw.tables(), "ag", iters=iters)
+        distance = np.abs(marginals(joint) - best_marginals).sum()
+        assert distance / 3 < float(joint.info["delta"]) < 3 * distance, (iters, distance, joint.info["delta"])
+
+
+def test_iters_counts_every_pass_and_the_solvers_are_options():
+    raw = random_raw(29, 3.0, seed=3)
+    tables = raw.tables()
+    capped = derive_joint(tables, "ag", tol=1e-7, max_iters=7, solver="accelerated")
+    assert int(capped.info["iters"]) == 7
+    default = derive_joint(tables, "ag", tol=1e-6)
+    fast = derive_joint(tables, "ag", tol=1e-6, solver="accelerated")
+    assert int(default.info["iters"]) == int(fast.info["iters"])
+    converged = derive_joint(tables, "ag_converged")
+    assert float(converged.info["delta"]) < 1e-6
+    with pytest.raises(UserError, match="plain iteration"):
+        derive_joint(tables, "ag", iters=40, solver="accelerated")
+    with pytest.raises(UserError, match="solver"):
+        derive_joint(tables, "ag", tol=1e-6, solver="newton")
+    with pytest.raises(UserError, match="iters"):
+        derive_joint(tables, "ag_converged", iters=40)
+
+
+@pytest.mark.slow
+def test_a_run_scores_both_ags_from_the_same_tables(sharp_ckpt, sentences, tmp_path):
+    """``--methods ag,ag_converged``: the paper's 40 iterations and the fixed point side
+    by side in the records and the summary, each as derive_joint gives it."""
+    from jaxjoint.config import resolve_config, result_settings
+    from jaxjoint.run import evaluate
+
+    out = tmp_path / "run"
+    config = resolve_config({"model": str(sharp_ckpt), "data": str(sentences), "out": str(out),
+                             "methods": "ag,ag_converged", "max_sentences": 2, "ag_solver": "accelerated",
+                             "devices": 1})
+    assert result_settings(config.to_dict())["ag_converged"] == {"tol": 1e-6, "max_iters": 10_000,
+                                                                  "solver": "accelerated"}
+    summary = evaluate(config, quiet=True)
+    assert summary["ag"]["iters_max"] == 40 and summary["ag_converged"]["delta_max"] < 1e-6
+    assert "AG (converged)" in (out / "summary.md").read_text()
+    records = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    mlm = load_mlm(sharp_ckpt)
+    for r in records:
+        ids, (a, b) = r["input_ids"], r["positions"]
+        tables = pair_tables(mlm, ids, a, b)
+        for method, options in (("ag", {}), ("ag_converged", {"tol": 1e-6, "solver": "accelerated"})):
+            expected = pair_metrics(tables, derive_joint(tables, method, **options), tuple(r["gold"]))
+            for key in METRICS:
+                np.testing.assert_allclose(r["metrics"][method][key], expected[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    with pytest.raises(UserError, match="solver"):
+        resolve_config({"ag_solver": "newton"})
