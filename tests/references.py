@@ -125,7 +125,7 @@ def float32_atol(raw: Raw) -> float:
     return 1e-6 + 4 * float(np.spacing(np.float32(largest)))
 
 
-def ref_metrics_of(raw: Raw, log_p: np.ndarray, a0: int, b0: int) -> dict[str, float]:
+def ref_metrics(raw: Raw, log_p: np.ndarray, a0: int, b0: int) -> dict[str, float]:
     """float64 p_nll, u_nll, kl_gold, kl_all of the dense joint ``log_p`` [V, V]."""
     lqa, lqb = raw.log_q()
     cond_a = log_p - logsumexp(log_p, axis=0, keepdims=True)  # log p(a|b)

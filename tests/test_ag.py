@@ -21,7 +21,7 @@ from jaxjoint.errors import UserError
 from jaxjoint.joints import derive_joint
 from jaxjoint.metrics import METRICS, pair_metrics
 from jaxjoint.tables import pair_tables
-from tests.references import Raw, random_raw, ref_metrics_of
+from tests.references import Raw, random_raw, ref_metrics
 
 
 def ref_map(lqa: jnp.ndarray, lqb: jnp.ndarray):
@@ -78,7 +78,7 @@ def check_against_reference(tables, gold, mesh=None):
     accelerated J no higher, both equal to the float64 fixed point (1e-4 relative)."""
     raw = raw_of(tables)
     best = ref_fixed_point(raw)
-    expected = ref_metrics_of(raw, best, *gold)
+    expected = ref_metrics(raw, best, *gold)
     best_marginals = np.concatenate([np.exp(logsumexp(best, axis=1)), np.exp(logsumexp(best, axis=0))])
     runs = {}
     for solver in ("plain", "accelerated"):

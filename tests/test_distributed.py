@@ -149,9 +149,11 @@ def test_global_mode_matches_one_process(setup, reference, tmp_path):
         for method in methods:
             assert g["metrics"][method].keys() == w["metrics"][method].keys()
             for key, value in w["metrics"][method].items():
-                if key == "objective":
+                if key in ("objective", "delta"):
                     # J sums 2V KLs, each good to ~1e-6 in float32: against float64 it is
                     # off by up to 3e-5 relative on these tables, on any device count.
+                    # delta, an estimate of the distance from the fixed point, divides
+                    # differences of successive iterates: 1.1e-5 relative apart here.
                     assert math.isclose(g["metrics"][method][key], value, rel_tol=1e-4), (g["index"], key)
                 else:
                     assert close(g["metrics"][method][key], value), (g["index"], method, key)

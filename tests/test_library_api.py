@@ -3,7 +3,7 @@ jit and vmap, tables whose lifetime explains itself, and your own model in.
 
 The model here is defined in plain JAX (no HF files) and checked against the same
 model written in float64 NumPy; every method's metrics against the float64
-references of DESIGN.md §1 (``references``, ``test_metrics.ref_metrics``).
+references of DESIGN.md §1 (``references``, ``references.ref_metrics``).
 """
 
 from __future__ import annotations
@@ -22,8 +22,7 @@ import jaxjoint.default
 from jaxjoint import FunctionMLM, UserError, derive_joint, iter_pair_tables, mlm_unary_nll, pair_metrics, pair_tables
 from jaxjoint.explain import explain_pair
 from jaxjoint.metrics import METRICS
-from tests.references import Raw, random_raw, ref_joint
-from tests.test_metrics import ref_metrics
+from tests.references import Raw, random_raw, ref_joint, ref_metrics
 
 HIGHEST = jax.lax.Precision.HIGHEST
 

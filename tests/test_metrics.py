@@ -19,24 +19,9 @@ from tests.references import (
     random_raw,
     raw_from_joint,
     ref_joint,
-    ref_kl,
-    ref_objective,
+    ref_metrics,
     shard_tables,
 )
-
-
-def ref_metrics(raw, log_p: np.ndarray, a0: int, b0: int) -> dict[str, float]:
-    """float64 p_nll, u_nll, kl_gold, kl_all of the dense joint ``log_p`` [V, V]."""
-    lqa, lqb = raw.log_q()
-    cond_a = log_p - logsumexp(log_p, axis=0, keepdims=True)  # log p(a|b)
-    cond_b = log_p - logsumexp(log_p, axis=1, keepdims=True)  # log p(b|a)
-    v = log_p.shape[0]
-    return {
-        "p_nll": -0.5 * log_p[a0, b0],
-        "u_nll": -0.5 * (cond_a[a0, b0] + cond_b[a0, b0]),
-        "kl_gold": 0.5 * (ref_kl(lqa[:, b0], cond_a[:, b0], 0) + ref_kl(lqb[a0], cond_b[a0], 0)),
-        "kl_all": ref_objective(raw, log_p) / (2 * v),
-    }
 
 
 def assert_metrics_close(actual: dict, expected: dict, atol: float, rtol: float = 1e-5):

@@ -200,9 +200,12 @@ def test_hlo_cost_analysis_detour_agrees_with_cost_analysis_on_cpu():
 @pytest.mark.parametrize("target", [pytest.param("h100", marks=pytest.mark.slow), "v5e:2x2"])
 def test_tables_program_flops_agree_with_jaxjoint_flops(target):
     """XLA's count of one chunk (lax.map's body, counted once) over the chunk is the
-    counted FLOPs of a sequence, plus elementwise work (a few percent at this width)."""
+    counted FLOPs of a sequence, plus elementwise work (a few percent at this width).
+    Products in one pass (matmul precision bfloat16): XLA's cost analysis counts the
+    operand splits of float32's three TF32 passes on NVIDIA as elementwise work too
+    (1.17 times the count here), which is the algorithm's, not the model's."""
     mesh = resolve_target(target).mesh()
-    cost = fit.tables_cost(mesh, TINY, 16, "float32", 64)
+    cost = fit.tables_cost(mesh, TINY, 16, "float32", 64, matmul_precision="bfloat16")
     n_chunks, chunk = chunking(local_rows(mesh, TINY.vocab_size), 64)
     ours = sequence_flops(TINY, 16)
     assert ours <= cost.flops / chunk <= 1.1 * ours
