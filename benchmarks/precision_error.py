@@ -122,7 +122,8 @@ def score(mlm: MaskedLM, ids: list[int], a: int, b: int, gold: tuple[int, int],
     return record, (logits, log_q)
 
 
-def logits_vs_float64(mlm: MaskedLM, pairs: list, directory: Path, count: int = 64) -> list[dict[str, Any]]:
+def logits_vs_float64(mlm: MaskedLM, pairs: list, directory: Path, variants: list[str],
+                      count: int = 64) -> list[dict[str, Any]]:
     """Each variant's logits at A against transformers' PyTorch model in float64, for
     ``count`` sentences of ``pairs`` (A masked): max |Δ| / max |logit| (the parity
     checks' 1e-4) and the RMS of Δ / RMS of the logits. Exact float32 is in the list,
@@ -147,7 +148,7 @@ def logits_vs_float64(mlm: MaskedLM, pairs: list, directory: Path, count: int = 
     with torch.no_grad():
         out = model(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask)).logits.numpy()
     reference = out[np.arange(len(chosen)), positions]
-    for name in VARIANTS:
+    for name in variants:
         got = np.asarray(variant_model(mlm, name).logits_at(ids, positions, mask), np.float64)
         delta = got - reference
         rows.append({"variant": name, "sentences": len(chosen),
@@ -234,7 +235,7 @@ def main() -> None:
             print(f"pair {index}: {time.perf_counter() - start:.0f} s", flush=True)
     rows = summarise({v: records[v] for v in variants})
     checkpoint_dir = out.with_suffix(".checkpoint") if args.model == "bert-base" else DEFAULT_MODEL_DIR
-    float64 = logits_vs_float64(mlm, pairs, checkpoint_dir)
+    float64 = logits_vs_float64(mlm, pairs, checkpoint_dir, variants)
     print(f"\nlogits at A against transformers in float64 ({float64[0]['sentences']} sentences)")
     print_table(float64, ["variant", "sentences", "rel_max", "rel_rms"])
     print(f"\n{label}")
