@@ -108,7 +108,7 @@ COMPILED_MARK = {
 
 
 @pytest.mark.parametrize("target,mode", [
-    ("h100", "float32"),
+    pytest.param("h100", "float32", marks=pytest.mark.slow),  # a 14 s compile: the fast tier has v5e
     ("v5e:2x2", "float32"),
     pytest.param("h100", "tensorfloat32", marks=pytest.mark.slow),
     pytest.param("h100", "bfloat16", marks=pytest.mark.slow),
@@ -193,6 +193,7 @@ def test_the_arithmetics_err_as_their_bits_say(operands):
     assert error("gpu", "bfloat16") > 4 * error("gpu", "tensorfloat32")  # bf16: 7 bits
 
 
+@pytest.mark.slow  # 2·V + 1 passes in three arithmetics (about 15 s)
 def test_emulated_float32_on_a_gpu_matches_float32_where_tf32_does_not(sharp_ckpt):
     """The tables of a real (tiny) checkpoint: GPU float32 (three TF32 passes,
     emulated) stays within float32's rounding of CPU float32; one TF32 pass does not."""
