@@ -70,7 +70,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"## {c['model']} on {c['data']}, {c['masking']} masking",
         "",
         f"{_count(summary['n_pairs'], 'pair')}, seed {c['seed']}, {c['dtype']}, {matmul_precision_of(c)} products"
-        + (f"; AG: {ag['iters_mean']:g} iterations on average, last-step L1 change up to {ag['delta_max']:.2g}"
+        + (f"; AG: {ag['iters_mean']:g} iterations on average, "
+           f"estimated L1 distance from the fixed point up to {ag['delta_max']:.2g}"
            if ag else ""),
         "",
         *_accounts(summary),
