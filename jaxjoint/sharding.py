@@ -14,6 +14,8 @@ Which devices a mesh spans:
 - ``global_mesh(per_process)``: the same number of devices from every process,
   the mesh of ``--distributed global``.
 
+What a mesh's devices may hold: ``device_memory_limit``, ``mesh_memory_limit``.
+
 And which backend JAX starts (``use_only_cpu_backend``, ``use_cpu_when_no_accelerator``):
 with the CUDA plugin and libtpu installed for ``jaxjoint plan``, JAX probes for both.
 """
@@ -91,6 +93,20 @@ def row_sharding(mesh: Mesh) -> NamedSharding:
 def replicated(mesh: Mesh) -> NamedSharding:
     """Every device holds the whole array."""
     return NamedSharding(mesh, PartitionSpec())
+
+
+def device_memory_limit(device: jax.Device) -> int | None:
+    """The bytes ``device``'s allocator may hold (``memory_stats()["bytes_limit"]``;
+    on a GPU, 75% of its memory unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says
+    otherwise), or None where the device reports none (CPU)."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    return stats.get("bytes_limit") if stats else None
+
+
+def mesh_memory_limit(mesh: Mesh) -> int | None:
+    """``device_memory_limit`` of this process's first device of ``mesh`` (only a
+    process's own devices report their memory)."""
+    return device_memory_limit(next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
 
 
 # --- which backend JAX starts ------------------------------------------------------------

@@ -3,9 +3,10 @@
 For a sentence and positions A, B this runs the 2·V + 1 forward passes of
 DESIGN.md §1: every token at B with A masked, every token at A with B masked,
 and both masked. The substituted sentences are built on the device from the one
-sentence, in chunks sized to a memory budget, with the substitution axis
-sharded over a 1-D device mesh (``sharding.VOCAB_AXIS``); parameters are
-replicated and the V x V tables stay sharded by rows.
+sentence, in chunks of the size its caller gives (by default the model's
+``planned_chunk``; the policy is the planner's, ``jaxjoint.plan.chunks``), with the
+substitution axis sharded over a 1-D device mesh (``sharding.VOCAB_AXIS``);
+parameters are replicated and the V x V tables stay sharded by rows.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from jax.sharding import PartitionSpec as P
 
 from jaxjoint import ids
 from jaxjoint.errors import UserError
-from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.protocol import ApplyFn, MLMProtocol
 from jaxjoint.sharding import VOCAB_AXIS, local_mesh, mesh_size, padded_size, replicated, row_sharding
 
@@ -122,10 +122,6 @@ def tables_from_logits(
 # keep the count of programs small at a few % of padding.
 BUCKET_STEPS = ((128, 8), (256, 32), (512, 64))
 LONG_BUCKET_STEP = 128
-# On CPU hosts, where the device reports no memory limit, activations get this much:
-# chunks that stay near the 32 MiB L3 cache run 1.4-1.8x faster than 1 GiB ones
-# (bert-base and the default model on the 2-core EPYC, benchmarks/RESULTS.md).
-DEFAULT_CPU_BUDGET_BYTES = 1 << 26
 # Pairs a stream of tables keeps queued on the devices behind the one being scored.
 PREFETCH = 1
 # Chunks are multiples of 8 sequences: the batch of a chunk times the sentence
@@ -148,78 +144,6 @@ def bucket_length(length: int, max_positions: int) -> int:
         raise UserError(f"sentence of {length} tokens exceeds the model's {max_positions} positions")
     step = next((step for longest, step in BUCKET_STEPS if length <= longest), LONG_BUCKET_STEP)
     return min(-(-max(length, 1) // step) * step, max_positions)
-
-
-def activation_bytes_per_sequence(config: EncoderConfig, length: int, dtype: str) -> int:
-    """Peak bytes one sequence of the substitution batch needs inside one layer.
-
-    Hidden states and the Q/K/V/context copies (6 x L x H), the feed-forward
-    activation (2 x L x I; GeGLU's 2I input and I output for ModernBERT), float32
-    attention scores and probabilities (2 x heads x L^2 x 4 bytes), and the float32
-    logits row at the masked position.
-    """
-    width = 2 if dtype == "bfloat16" else 4
-    mlp = config.intermediate_size * (3 if config.family == "modernbert" else 2)
-    per_layer = width * length * (6 * config.hidden_size + mlp)
-    attention = 2 * 4 * config.num_heads * length * length
-    return per_layer + attention + 4 * config.vocab_size
-
-
-def device_memory_limit(device: jax.Device) -> int | None:
-    """The bytes ``device``'s allocator may hold (``memory_stats()["bytes_limit"]``;
-    on a GPU, 75% of its memory unless ``XLA_PYTHON_CLIENT_MEM_FRACTION`` says
-    otherwise), or None where the device reports none (CPU)."""
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return stats.get("bytes_limit") if stats else None
-
-
-def mesh_memory_limit(mesh: Mesh) -> int | None:
-    """``device_memory_limit`` of this process's first device of ``mesh`` (only a
-    process's own devices report their memory)."""
-    return device_memory_limit(next(d for d in mesh.devices.flat if d.process_index == jax.process_index()))
-
-
-def default_chunk_size(config: EncoderConfig, length: int, dtype: str, budget_bytes: int) -> int:
-    """Sequences per device per step that fit ``budget_bytes`` of activations (a
-    multiple of ``CHUNK_STEP``, at most ``MAX_CHUNK``): the chunk on devices that
-    report no memory limit, with ``DEFAULT_CPU_BUDGET_BYTES``."""
-    fit = budget_bytes // activation_bytes_per_sequence(config, length, dtype)
-    return int(max(CHUNK_STEP, min(MAX_CHUNK, fit // CHUNK_STEP * CHUNK_STEP)))
-
-
-def planned_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *,
-                       prefetch: int = PREFETCH, matmul_precision: str = "float32") -> int:
-    """``chunk_size=None``'s choice for sentences padded to ``length`` on ``mesh``.
-
-    On devices that report their memory (GPU, TPU): the largest chunk whose
-    compiled tables programs fit what the device may hold beside ``prefetch`` pairs'
-    tables (``jaxjoint.plan.fit.run_chunk``; compiled once per device kind, mesh
-    size, model, bucket and dtype, and cached on disk), so the V x V tables are
-    budgeted, not only the activations. Raises ``UserError`` when not even 8
-    sequences fit. Elsewhere (CPU): ``default_chunk_size`` for
-    ``DEFAULT_CPU_BUDGET_BYTES`` of activations, nothing compiled.
-    """
-    # (On a mesh over several processes, pass chunk_size so that all compile the same program.)
-    limit = mesh_memory_limit(mesh)
-    if limit is None:
-        return default_chunk_size(config, length, dtype, DEFAULT_CPU_BUDGET_BYTES)
-    return _compiled_chunk_size(mesh, config, length, dtype, matmul_precision, prefetch, limit)
-
-
-@functools.cache
-def _compiled_chunk_size(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, matmul_precision: str,
-                         prefetch: int, limit: int) -> int:
-    # jaxjoint.plan compiles this module's programs: imported here, where it is needed.
-    from jaxjoint.plan.fit import run_chunk
-
-    choice = run_chunk(mesh, config, length, dtype, usable_bytes=limit, prefetch=prefetch,
-                       matmul_precision=matmul_precision)
-    if choice is None:
-        raise UserError(
-            f"a pair's tables at {length} tokens do not fit the {limit / 2**30:.2f} GiB of each of "
-            f"{mesh_size(mesh)} x {mesh.devices.flat[0].device_kind} beside {prefetch} queued pair(s), not even "
-            f"{CHUNK_STEP} sequences a step; `jaxjoint plan --target local --length {length}` says what would fit")
-    return choice.chunk_size
 
 
 def chunking(rows: int, max_chunk: int) -> tuple[int, int]:
@@ -459,7 +383,7 @@ def iter_pair_tables(
     the next pair's forward passes run while the caller derives joints and metrics
     from this one (each queued pair holds its two V x V tables in device memory).
     Sentences share one compiled program per length bucket; ``chunk_size=None``
-    budgets each bucket's chunk beside ``prefetch`` pairs (``planned_chunk_size``).
+    budgets each bucket's chunk beside ``prefetch`` pairs (``mlm.planned_chunk``).
 
     Each ``PairTables`` handed out is valid until the next one is asked for (or
     the end of the stream is): its device buffers are then deleted, before the next pair is queued, so that no more

@@ -22,36 +22,10 @@ import jaxjoint.default
 from jaxjoint import FunctionMLM, UserError, derive_joint, iter_pair_tables, mlm_unary_nll, pair_metrics, pair_tables
 from jaxjoint.explain import explain_pair
 from jaxjoint.metrics import METRICS
+from tests.own_model import CLS, MASK, MAX_LEN, PAD, SEP, H, V, tiny_apply, tiny_params
 from tests.references import Raw, random_raw, ref_joint, ref_metrics
 
-HIGHEST = jax.lax.Precision.HIGHEST
-
-# --- a small masked LM in plain JAX, and the same model in float64 NumPy -------------
-
-# V = 33 rows pad to 40 on one device, as ESM-2's; the tables share their compiled
-# joint and metrics programs with the other tests here.
-V, H, MAX_LEN = 33, 16, 16
-CLS, SEP, MASK, PAD = 1, 2, 3, 0
-
-
-def tiny_params(seed: int = 0) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    draw = lambda *shape, scale=0.5: (scale * rng.normal(size=shape)).astype(np.float32)  # noqa: E731
-    return {"embed": draw(V, H), "pos": draw(MAX_LEN, H), "wq": draw(H, H), "wk": draw(H, H), "wv": draw(H, H),
-            "w1": draw(H, H), "bias": draw(V, scale=0.1)}
-
-
-def tiny_apply(params, input_ids, attention_mask, positions):
-    """One attention layer, a tanh block and a tied head read at ``positions``:
-    int[B, L], int[B, L], int[B, K] -> float32[B, K, V]."""
-    x = params["embed"][input_ids] + params["pos"][: input_ids.shape[1]]
-    q, k, v = (jnp.einsum("blh,hg->blg", x, params[w], precision=HIGHEST) for w in ("wq", "wk", "wv"))
-    scores = jnp.einsum("bqh,bkh->bqk", q, k, precision=HIGHEST) / math.sqrt(H)
-    scores = jnp.where(attention_mask[:, None, :] > 0, scores, -1e9)
-    x = x + jnp.einsum("bqk,bkh->bqh", jax.nn.softmax(scores, axis=-1), v, precision=HIGHEST)
-    x = jnp.tanh(jnp.einsum("blh,hg->blg", x, params["w1"], precision=HIGHEST))
-    read = jnp.take_along_axis(x, positions[..., None], axis=1)
-    return jnp.einsum("bkh,vh->bkv", read, params["embed"], precision=HIGHEST) + params["bias"]
+# --- the small masked LM in plain JAX (tests/own_model.py), and the same model in float64 NumPy
 
 
 def numpy_logits(params, ids: np.ndarray) -> np.ndarray:

@@ -18,11 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxjoint import tables
+from jaxjoint import sharding, tables
 from jaxjoint.errors import UserError
 from jaxjoint.joints.streaming import sharded_take
 from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.mlm import load_mlm
+from jaxjoint.plan import chunks as chunk_policy
 from jaxjoint.plan import fit
 from jaxjoint.plan.compile import analyse, assemble_program, derive_program, metrics_program, unary_program
 from jaxjoint.sharding import make_mesh, padded_size, replicated, row_sharding
@@ -130,7 +131,7 @@ def test_tables_stage_writes_chunks_in_place_when_they_do_not_tile_the_rows():
 # --- memory-planned runs -----------------------------------------------------------------------
 #
 # CPU devices report no memory limit, so these tests give them one
-# (``tables.device_memory_limit``, which GPUs and TPUs answer from memory_stats).
+# (``sharding.device_memory_limit``, which GPUs and TPUs answer from memory_stats).
 # V = 1024 and wide layers: one pair's tables are 8 MiB on one device, a chunk of
 # 1024 sequences needs 12 MiB of activations; the runs below fit 26 MiB with one
 # pair queued at a memory-bound chunk, 16 MiB only without a queued pair, 12 MiB not
@@ -153,7 +154,7 @@ def wide_mlm(wide_ckpt):
 
 
 def give_memory(monkeypatch, limit: int | None) -> None:
-    monkeypatch.setattr(tables, "device_memory_limit", lambda device: limit)
+    monkeypatch.setattr(sharding, "device_memory_limit", lambda device: limit)
 
 
 def record_chunks(monkeypatch) -> list[tuple[int, int]]:
@@ -261,14 +262,14 @@ def test_runs_on_devices_without_a_memory_limit_compile_nothing_to_plan(sharp_ck
 
     monkeypatch.setattr(plan_compile, "compile_program", refuse)
     monkeypatch.setattr(plan_compile, "analyse", refuse)
-    assert tables.mesh_memory_limit(make_mesh(jax.devices()[:1])) is None
+    assert sharding.mesh_memory_limit(make_mesh(jax.devices()[:1])) is None
     chunks = record_chunks(monkeypatch)
     summary = evaluate_wide(sharp_ckpt, sentences, tmp_path / "run", max_sentences=1)
     assert summary["n_pairs"] == 1
     config = load_mlm(sharp_ckpt).config
     (record,) = map(json.loads, (tmp_path / "run" / "pairs.jsonl").read_text().splitlines())
     bucket = tables.bucket_length(len(record["input_ids"]), config.max_positions)
-    size = tables.default_chunk_size(config, bucket, "float32", tables.DEFAULT_CPU_BUDGET_BYTES)
+    size = chunk_policy.default_chunk_size(config, bucket, "float32", chunk_policy.DEFAULT_CPU_BUDGET_BYTES)
     assert chunks == [chunking(56, size)] * 2
 
 

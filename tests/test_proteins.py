@@ -3,7 +3,6 @@
 
 import json
 import math
-import os
 import re
 import subprocess
 
@@ -26,6 +25,7 @@ from tests.modern_fixtures import (
     make_esm_checkpoint,
     make_modernbert_checkpoint,
 )
+from tests.process_fixtures import CLI, REPO, WAIT_S, finish, jaxjoint_lines, process_env, start
 from tests.record_reference import (
     KL_FLOAT32,
     assert_matches_reference,
@@ -323,17 +323,7 @@ def test_pair_errors_on_a_protein(esm_ckpt, capsys, args, message):
 
 @pytest.mark.slow
 def test_pairs_mode_on_esm_writes_what_one_process_writes(esm_ckpt, fasta_file, tmp_path):
-    from tests.test_distributed import CLI, REPO, WAIT_S, finish, jaxjoint_lines, start
-
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-        "JAX_PLATFORMS": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-    }
+    env = process_env(tmp_path / "jax_cache")
     setup = (esm_ckpt, fasta_file, env)
     single = tmp_path / "single"
     args = ["evaluate", "--model", str(esm_ckpt), "--data", str(fasta_file), "--ag-iters", "5", "--quiet"]

@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from jaxjoint import MLMProtocol, UserError, load_mlm, tables
+from jaxjoint.plan.chunks import default_chunk_size
 from jaxjoint.sharding import make_mesh, padded_size
-from jaxjoint.tables import (
-    bucket_length,
-    chunking,
-    default_chunk_size,
-    iter_pair_tables,
-    pair_tables,
-)
+from jaxjoint.tables import bucket_length, chunking, iter_pair_tables, pair_tables
 from tests.hf_fixtures import make_checkpoint, torch_model
 
 MASK = 4

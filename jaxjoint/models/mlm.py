@@ -100,9 +100,10 @@ class MaskedLM:
         return frozenset(int(i) for i in found if i is not None) - {self.mask_token_id}
 
     def planned_chunk(self, mesh: jax.sharding.Mesh, length: int, prefetch: int) -> int:
-        """``tables.planned_chunk_size`` for this model: compiled to fit on GPUs and
-        TPUs, an activation budget on CPU."""
-        from jaxjoint.tables import planned_chunk_size  # tables imports this module
+        """``plan.chunks.planned_chunk_size`` for this model: compiled to fit on GPUs
+        and TPUs, an activation budget on CPU."""
+        # The chunk policy compiles the tables programs, which run this model: imported when asked.
+        from jaxjoint.plan.chunks import planned_chunk_size
 
         return planned_chunk_size(mesh, self.config, length, self.dtype, prefetch=prefetch,
                                   matmul_precision=self.matmul_precision)

@@ -38,6 +38,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxjoint.errors import UserError
+
 MODES = ("float32", "tensorfloat32", "bfloat16")
 PLATFORMS = ("cpu", "gpu", "tpu")
 
@@ -95,8 +97,6 @@ def platform_of(device: jax.Device) -> str:
 
 def check_mode(mode: str) -> None:
     if mode not in MODES:
-        from jaxjoint.errors import UserError
-
         raise UserError(f"unknown matmul precision {mode!r}; choose one of {', '.join(MODES)}")
 
 

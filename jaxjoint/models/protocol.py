@@ -38,7 +38,8 @@ class MLMProtocol(Protocol):
     ``pad_token_id``: ids in [0, V); ``special_token_ids``: ids never chosen as a
     pair's position ([CLS], [SEP], ...); ``max_positions``: the longest sentence
     (None: any); ``tokenizer``: a ``transformers`` tokenizer or None (only for
-    naming tokens); ``dtype``: the compute dtype's name.
+    naming tokens); ``dtype``: the compute dtype's name; ``params``: the parameter
+    pytree (``jaxjoint.plan`` reads its shapes and dtypes only).
     """
 
     @property
@@ -55,6 +56,8 @@ class MLMProtocol(Protocol):
     def tokenizer(self) -> Any: ...
     @property
     def dtype(self) -> str: ...
+    @property
+    def params(self) -> Any: ...
 
     def apply_for(self, mesh: Mesh) -> ApplyFn:
         """The model's function for ``mesh``'s devices (above)."""
@@ -79,7 +82,9 @@ class FunctionMLM:
       (read as float32). A Flax model's ``lambda p, i, m, k: model.apply({"params":
       p}, i, m, k)`` defined once, an Equinox model's call, plain jnp. Keep the
       same function object across calls: it keys the compiled programs.
-    params: its parameter pytree (placed on the devices by the tables stage).
+    params: its parameter pytree (placed on the devices by the tables stage); for a
+      model you only plan (``jaxjoint.plan.make_plan``), ``jax.ShapeDtypeStruct``
+      leaves will do (``jax.eval_shape`` of its initialiser): no weights needed.
     vocab_size: V; mask_token_id: the [MASK] id.
     pad_token_id: the id sentences are padded with to their length bucket (with
       attention mask 0); default 0.

@@ -34,7 +34,7 @@ from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.families import masked_lm_module
 from jaxjoint.models.mlm import DTYPES, ModuleApply
 from jaxjoint.models.precision import MatmulPrecision, platform_of
-from jaxjoint.plan.models import abstract_params
+from jaxjoint.plan.models import OwnModel, PlannedModel, abstract_params
 from jaxjoint.plan.targets import quiet_stderr
 from jaxjoint.sharding import mesh_size, padded_size, replicated, row_sharding
 from jaxjoint.tables import PairTables, assemble_tables, masked_logits, substitution_table
@@ -164,9 +164,14 @@ def _params_shapes(config: EncoderConfig) -> Any:
     return abstract_params(config)
 
 
-def params_bytes(config: EncoderConfig) -> int:
-    """Bytes of the float32 parameters (replicated: each device holds them all)."""
-    return sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(_params_shapes(config)))
+def _model_params(model: PlannedModel) -> Any:
+    return model.abstract_params if isinstance(model, OwnModel) else _params_shapes(model)
+
+
+def params_bytes(model: PlannedModel) -> int:
+    """Bytes of the parameters (replicated: each device holds them all); float32 for
+    a config, as given for your own model."""
+    return sum(s.size * s.dtype.itemsize for s in jax.tree.leaves(_model_params(model)))
 
 
 def abstract_tables(mesh: Mesh, vocab: int) -> PairTables:
@@ -191,14 +196,23 @@ def model_module(mesh: Mesh, config: EncoderConfig, dtype: str, matmul_precision
     return masked_lm_module(config, DTYPES[dtype], precision)
 
 
-def lower_tables(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, n_chunks: int, chunk: int,
-                 matmul_precision: str = "float32") -> jax.stages.Lowered:
+def model_function(mesh: Mesh, model: PlannedModel, dtype: str, matmul_precision: str) -> Any:
+    """The function a run on ``mesh`` calls for the logits (``MLMProtocol.apply_for``):
+    a config's module in ``dtype`` and ``matmul_precision``; your own model's
+    function as it is (its dtype and products are its own)."""
+    if isinstance(model, OwnModel):
+        return model.apply_for(mesh)
+    return ModuleApply(model_module(mesh, model, dtype, matmul_precision))
+
+
+def lower_tables(mesh: Mesh, config: PlannedModel, length: int, dtype: str, *, n_chunks: int,
+                 chunk: int, matmul_precision: str = "float32") -> jax.stages.Lowered:
     """``substitution_table`` lowered for ``mesh`` (abstract inputs): one of the pair's
     two tables for sentences padded to ``length``, ``n_chunks`` steps of ``chunk``
-    sequences per device."""
+    sequences per device. ``config``: a checkpoint's config or your own model."""
     rep = replicated(mesh)
-    apply_fn = ModuleApply(model_module(mesh, config, dtype, matmul_precision))
-    params = _placed(_params_shapes(config), rep)
+    apply_fn = model_function(mesh, config, dtype, matmul_precision)
+    params = _placed(_model_params(config), rep)
     ids = _abstract((length,), jnp.int32, rep)
     scalar = _abstract((), jnp.int32, rep)
     return substitution_table.lower(apply_fn, params, ids, ids, scalar, scalar, scalar, vocab=config.vocab_size,
@@ -206,19 +220,19 @@ def lower_tables(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, 
                                     rows=padded_size(config.vocab_size, mesh))
 
 
-def tables_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, n_chunks: int,
+def tables_program(mesh: Mesh, config: PlannedModel, length: int, dtype: str, *, n_chunks: int,
                    chunk: int, matmul_precision: str = "float32") -> ProgramCost:
     """One ``substitution_table`` call (``lower_tables``), analysed."""
     return analyse(f"tables (chunk {chunk} x {n_chunks})", lambda: lower_tables(
         mesh, config, length, dtype, n_chunks=n_chunks, chunk=chunk, matmul_precision=matmul_precision))
 
 
-def both_masked_program(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *,
+def both_masked_program(mesh: Mesh, config: PlannedModel, length: int, dtype: str, *,
                         matmul_precision: str = "float32") -> ProgramCost:
     """The one pass with both positions masked (logits at two positions)."""
     rep = replicated(mesh)
-    apply_fn = ModuleApply(model_module(mesh, config, dtype, matmul_precision))
-    params = _placed(_params_shapes(config), rep)
+    apply_fn = model_function(mesh, config, dtype, matmul_precision)
+    params = _placed(_model_params(config), rep)
     ids = _abstract((1, length), jnp.int32, rep)
     positions = _abstract((1, 2), jnp.int32, rep)
     return analyse("both masked", lambda: masked_logits.lower(

@@ -16,7 +16,7 @@ temporaries):
 Only the tables programs depend on the chunk (sequences per device per step), so
 the largest chunk that fits is searched for by compiling them alone
 (``largest_fitting_chunk``); ``run_chunk`` is that search for a run, which
-``make_plan`` reports and ``tables.planned_chunk_size`` runs on devices that report
+``make_plan`` reports and ``chunks.planned_chunk_size`` runs on devices that report
 their memory.
 """
 
@@ -28,10 +28,10 @@ from typing import Any
 
 from jax.sharding import Mesh
 
-from jaxjoint.models.config import EncoderConfig
 from jaxjoint.plan import compile as programs
 from jaxjoint.plan.cache import cached
 from jaxjoint.plan.compile import ProgramCost
+from jaxjoint.plan.models import OwnModel, PlannedModel
 from jaxjoint.sharding import mesh_size
 from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, chunking
 
@@ -40,12 +40,18 @@ def _mesh_key(mesh: Mesh) -> tuple[str, int]:
     return (mesh.devices.flat[0].device_kind, mesh_size(mesh))
 
 
-def tables_cost(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chunk_size: int, *,
+def _model_key(model: PlannedModel, mesh: Mesh, length: int) -> Any:
+    """A config as it is; your own model by a digest of its lowered function."""
+    return model.cache_key(mesh, length) if isinstance(model, OwnModel) else model
+
+
+def tables_cost(mesh: Mesh, config: PlannedModel, length: int, dtype: str, chunk_size: int, *,
                 matmul_precision: str = "float32") -> ProgramCost:
     """The compiled tables program for ``chunk_size`` (cached per device kind, mesh
     size, model, bucket length, dtype, matmul precision and the chunking it gives)."""
     n_chunks, chunk = chunking(programs.local_rows(mesh, config.vocab_size), chunk_size)
-    key = ("tables", _mesh_key(mesh), config, length, dtype, matmul_precision, n_chunks, chunk)
+    key = ("tables", _mesh_key(mesh), _model_key(config, mesh, length), length, dtype, matmul_precision, n_chunks,
+           chunk)
     return cached(key, lambda: (programs.tables_program(
         mesh, config, length, dtype, n_chunks=n_chunks, chunk=chunk, matmul_precision=matmul_precision),))[0]
 
@@ -56,12 +62,12 @@ def assemble_cost(mesh: Mesh, vocab: int) -> ProgramCost:
     return cached(("assemble", _mesh_key(mesh), vocab), lambda: (programs.assemble_program(mesh, vocab),))[0]
 
 
-def run_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, usable_bytes: int, prefetch: int,
+def run_chunk(mesh: Mesh, config: PlannedModel, length: int, dtype: str, *, usable_bytes: int, prefetch: int,
               max_chunk: int = MAX_CHUNK, matmul_precision: str = "float32") -> ChunkChoice | None:
     """The chunk a run takes on ``mesh`` for sentences padded to ``length``: the
     largest whose tables programs fit ``usable_bytes`` per device beside ``prefetch``
     pairs' tables (``largest_fitting_chunk``); None when none does. The one rule:
-    ``make_plan`` reports it, ``tables.planned_chunk_size`` runs it."""
+    ``make_plan`` reports it, ``chunks.planned_chunk_size`` runs it."""
     budget = tables_budget(mesh, config, usable_bytes=usable_bytes, prefetch=prefetch)
     if budget <= 0:
         return None
@@ -69,7 +75,7 @@ def run_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, usa
                                  matmul_precision=matmul_precision)
 
 
-def chunk_fits(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chunk_size: int, *, usable_bytes: int,
+def chunk_fits(mesh: Mesh, config: PlannedModel, length: int, dtype: str, chunk_size: int, *, usable_bytes: int,
                prefetch: int, matmul_precision: str = "float32") -> bool:
     """Whether a run's tables programs at ``chunk_size`` (given by the user) fit, as ``run_chunk`` decides."""
     budget = tables_budget(mesh, config, usable_bytes=usable_bytes, prefetch=prefetch)
@@ -77,7 +83,7 @@ def chunk_fits(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, chunk
     return budget > 0 and tables_fit(cost, budget)
 
 
-def tables_budget(mesh: Mesh, config: EncoderConfig, *, usable_bytes: int, prefetch: int) -> int:
+def tables_budget(mesh: Mesh, config: PlannedModel, *, usable_bytes: int, prefetch: int) -> int:
     """What the tables stage of a pair may use per device: ``usable_bytes`` less the
     tables of the ``prefetch`` pairs held meanwhile."""
     return usable_bytes - prefetch * assemble_cost(mesh, config.vocab_size).output_bytes
@@ -109,7 +115,7 @@ class ChunkChoice:
     compiles: int
 
 
-def largest_fitting_chunk(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, *, budget_bytes: int,
+def largest_fitting_chunk(mesh: Mesh, config: PlannedModel, length: int, dtype: str, *, budget_bytes: int,
                           max_chunk: int = MAX_CHUNK, matmul_precision: str = "float32") -> ChunkChoice | None:
     """The largest ``chunk_size`` whose tables programs fit ``budget_bytes`` per
     device (``tables_fit``), found by compiling; None when not even 8 sequences fit.
@@ -193,13 +199,13 @@ class StagePrograms:
     unary: ProgramCost
 
 
-def other_programs(mesh: Mesh, config: EncoderConfig, length: int, dtype: str, methods: tuple[str, ...],
+def other_programs(mesh: Mesh, config: PlannedModel, length: int, dtype: str, methods: tuple[str, ...],
                    options: dict[str, dict[str, Any]], *, matmul_precision: str = "float32"
                    ) -> tuple[ProgramCost, ProgramCost, dict, dict, ProgramCost]:
     """The chunk-independent programs: both-masked pass, assembly, each method's
     joint and metrics programs, and the MLM's unary NLL (cached)."""
     vocab = config.vocab_size
-    both = cached(("both_masked", _mesh_key(mesh), config, length, dtype, matmul_precision),
+    both = cached(("both_masked", _mesh_key(mesh), _model_key(config, mesh, length), length, dtype, matmul_precision),
                   lambda: (programs.both_masked_program(mesh, config, length, dtype,
                                                         matmul_precision=matmul_precision),))[0]
     assemble = assemble_cost(mesh, vocab)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -13,12 +14,13 @@ from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, ALL_METHODS, METHODS
 from jaxjoint.models.config import EncoderConfig
-from jaxjoint.models.mlm import DTYPES
+from jaxjoint.models.mlm import DTYPES, MaskedLM
 from jaxjoint.models.precision import check_mode
+from jaxjoint.models.protocol import MLMProtocol
 from jaxjoint.plan import fit
 from jaxjoint.plan.cache import compiler_versions
 from jaxjoint.plan.compile import ProgramCost, local_rows, params_bytes
-from jaxjoint.plan.models import planning_config
+from jaxjoint.plan.models import OwnModel, PlannedModel, own_model, planning_config
 from jaxjoint.plan.report import BucketPlan, PlanReport, priced_arithmetic, roofline, table_passes
 from jaxjoint.plan.targets import Target, resolve_target, target_for_devices
 from jaxjoint.sharding import local_mesh, mesh_size
@@ -34,10 +36,10 @@ def _ag_iterations(ag: dict[str, Any]) -> int:
 
 def make_plan(
     target: str | Target,
-    model: str | EncoderConfig,
+    model: str | EncoderConfig | MLMProtocol,
     *,
     lengths: Sequence[int] = DEFAULT_LENGTHS,
-    dtype: str = "float32",
+    dtype: str | None = None,
     matmul_precision: str = "float32",
     methods: Sequence[str] = METHODS,
     ag_options: dict[str, Any] | None = None,
@@ -51,12 +53,18 @@ def make_plan(
     target: a TARGET string (``h100``, ``h100x8``, ``v5e:2x2``, ``local``; see
       ``targets.resolve_target``) or a resolved ``Target``.
     model: a shipped name, hub name or checkpoint directory (``models.planning_config``),
-      or an ``EncoderConfig``.
+      an ``EncoderConfig``, a ``MaskedLM``, or your own JAX model: any
+      ``MLMProtocol`` (``FunctionMLM``; its parameters may be ``jax.ShapeDtypeStruct``
+      leaves). Your own model's programs are compiled and analysed like a
+      checkpoint's; its FLOPs are XLA's count (no formula for a function).
     lengths: sentence lengths in tokens (special tokens included); each is planned
       at its bucket (``tables.bucket_length``).
-    dtype: compute dtype, ``float32`` or ``bfloat16``.
+    dtype: compute dtype, ``float32`` or ``bfloat16``; default the model's own
+      (``float32`` for a name or config).
     matmul_precision: the arithmetic of float32 products, ``float32``,
-      ``tensorfloat32`` or ``bfloat16`` (``jaxjoint.models.precision``).
+      ``tensorfloat32`` or ``bfloat16`` (``jaxjoint.models.precision``). For your
+      own model it only prices the estimate: its function's products compute as
+      its own precision arguments say.
     methods: the joints to derive (their programs and metrics are compiled).
     ag_options: AG's ``iters`` or ``tol``/``max_iters`` (as ``derive_joint`` takes them).
     prefetch: pairs queued on the devices behind the one being scored.
@@ -66,8 +74,13 @@ def make_plan(
 
     Raises ``UserError`` for an unknown target, model, dtype or method.
     """
+    name, config = _planned_model(model)
+    if dtype is None:
+        dtype = config.dtype if isinstance(config, OwnModel) else getattr(model, "dtype", "float32")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    if isinstance(config, OwnModel) and dtype != config.dtype:
+        config = own_model(config.mlm.with_dtype(dtype))  # a FunctionMLM refuses: its dtype is its function's
     check_mode(matmul_precision)
     methods = tuple(methods)
     unknown = [m for m in methods if m not in ALL_METHODS]
@@ -78,7 +91,6 @@ def make_plan(
     if not lengths:
         raise UserError("give at least one sentence length")
     resolved = target if isinstance(target, Target) else resolve_target(target)
-    name, config = (("config", model) if isinstance(model, EncoderConfig) else planning_config(model))
     ag = dict(ag_options or {})
     start = time.perf_counter()
     buckets = tuple(_plan_bucket(resolved, config, length, dtype, matmul_precision, methods, ag, prefetch, max_chunk)
@@ -90,7 +102,7 @@ def make_plan(
         arithmetic=priced_arithmetic(resolved.chip.platform, dtype, matmul_precision), methods=methods,
         ag_iterations=_ag_iterations(ag),
         prefetch=prefetch, params_bytes=params_bytes(config), buckets=buckets, reason=None,
-        versions=compiler_versions(), compile_seconds=0.0)
+        versions=compiler_versions(), compile_seconds=0.0, own_model=isinstance(config, OwnModel))
     reason = None
     if not report.fits:
         reason = _reason(report, resolved, config, lengths, dtype, matmul_precision, methods, ag, prefetch, max_chunk,
@@ -98,7 +110,21 @@ def make_plan(
     return dataclasses.replace(report, reason=reason, compile_seconds=time.perf_counter() - start)
 
 
-def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str, matmul_precision: str,
+def _planned_model(model: Any) -> tuple[str, PlannedModel]:
+    """(display name, what the programs are built from) for ``make_plan``'s ``model``."""
+    if isinstance(model, EncoderConfig):
+        return "config", model
+    if isinstance(model, OwnModel):
+        return model.name, model
+    if isinstance(model, MaskedLM):  # a checkpoint: its config, with the counted FLOPs
+        return f"{model.config.family} checkpoint", model.config
+    if isinstance(model, (str, os.PathLike)):
+        return planning_config(str(model))
+    planned = own_model(model)
+    return planned.name, planned
+
+
+def _plan_bucket(target: Target, config: PlannedModel, length: int, dtype: str, matmul_precision: str,
                  methods: tuple[str, ...], ag: dict[str, Any], prefetch: int, max_chunk: int) -> BucketPlan:
     mesh = target.mesh()
     n = mesh_size(mesh)
@@ -132,22 +158,26 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
         fits_without = all(p.total_bytes <= usable for p in bare if not p.program.startswith("tables")) and (
             fit.tables_fit(tables_cost(CHUNK_STEP), usable))
 
-    counted = pair_flops(config, bucket)
-    per_sequence = sequence_flops(config, bucket)
     n_chunks, chunk = (choice.n_chunks, choice.chunk) if choice else chunking(
         local_rows(mesh, config.vocab_size), CHUNK_STEP)
-    executed_per_device = 2 * n_chunks * chunk * per_sequence + sequence_flops(config, bucket, 2)
     xla = None
     if tables.flops and both.flops:
         # XLA counts the chunk loop's body, one chunk, once: per sequence = flops / chunk.
         xla = 2 * config.vocab_size * tables.flops / chunk + both.flops
+    if isinstance(config, OwnModel):  # no formula for a function: XLA's count is the count
+        counted = xla
+        per_sequence, both_masked = (tables.flops / chunk, both.flops) if xla else (None, None)
+    else:
+        counted = pair_flops(config, bucket)
+        per_sequence, both_masked = sequence_flops(config, bucket), sequence_flops(config, bucket, 2)
+    executed_per_device = None if per_sequence is None else 2 * n_chunks * chunk * per_sequence + both_masked
     table_bytes = tables.output_bytes or table_bytes
     # Parameters are read once per chunk step, the table written once.
     tables_bytes = 2 * n_chunks * params + 2 * table_bytes
     xla_seconds = None
     if tables.optimal_seconds and both.optimal_seconds:
         xla_seconds = 2 * n_chunks * tables.optimal_seconds + both.optimal_seconds
-    estimate = roofline(
+    estimate = None if executed_per_device is None else roofline(
         target.chip, priced_arithmetic(target.chip.platform, dtype, matmul_precision),
         executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,
         table_bytes=table_bytes, passes=table_passes(methods, _ag_iterations(ag)), xla_tables_seconds=xla_seconds)
@@ -157,13 +187,15 @@ def _plan_bucket(target: Target, config: EncoderConfig, length: int, dtype: str,
         n_chunks=choice.n_chunks if choice else None, chunk=choice.chunk if choice else None,
         peak_bytes=peak, peak_program=None if worst is None else worst.program, phases=tuple(phases),
         refused_programs=tuple(p.program for p in phases if p.refused),
-        flops_per_pair=counted, xla_flops_per_pair=xla, executed_flops_per_pair=n * executed_per_device,
+        flops_per_pair=counted, xla_flops_per_pair=xla,
+        executed_flops_per_pair=None if executed_per_device is None else n * executed_per_device,
         ag_bytes_per_iteration=table_bytes if "ag" in methods else None, estimate=estimate,
         programs=tuple(programs), next_chunk_up=choice.next_up if choice else None,
-        fits_without_prefetch=fits_without)
+        fits_without_prefetch=fits_without,
+        flops_counted_by="XLA" if isinstance(config, OwnModel) else "jaxjoint.flops")
 
 
-def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, dtype, matmul_precision, methods,
+def _reason(report: PlanReport, target: Target, config: PlannedModel, lengths, dtype, matmul_precision, methods,
             ag, prefetch, max_chunk, suggest: bool) -> str:
     """One line: what does not fit, and what would (compiled, when ``suggest``)."""
     worst = max((b for b in report.buckets if not b.fits), key=lambda b: b.peak_bytes or 0)
@@ -183,7 +215,7 @@ def _reason(report: PlanReport, target: Target, config: EncoderConfig, lengths, 
         return head
     tables_only = all(p.total_bytes is not None and p.total_bytes <= usable
                       for p in worst.phases if not p.program.startswith(("tables", "both")))
-    if tables_only and dtype == "float32":
+    if tables_only and dtype == "float32" and not isinstance(config, OwnModel):  # a function's dtype is its own
         alt = make_plan(target, config, lengths=lengths, dtype="bfloat16", matmul_precision="bfloat16",
                         methods=methods, ag_options=ag,
                         prefetch=prefetch, max_chunk=max_chunk, suggest=False)
@@ -242,7 +274,7 @@ def _should_fit(target: Target, worst: BucketPlan, params: int) -> Callable[[int
     return lambda count: params + scaled * n / count <= 0.9 * usable
 
 
-def _more_local_devices(target: Target, worst: BucketPlan, params: int, config: EncoderConfig,
+def _more_local_devices(target: Target, worst: BucketPlan, params: int, config: PlannedModel,
                         **options: Any) -> str | None:
     """For a run's own devices: more of this host's devices, compiled on them when
     the host has them (``--devices N``), else an estimated count; None when no

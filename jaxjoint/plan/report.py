@@ -104,7 +104,7 @@ class BucketPlan:
     peak_bytes: int | None
     peak_program: str | None
     phases: tuple[Phase, ...]
-    flops_per_pair: int  # counted (jaxjoint.flops.pair_flops)
+    flops_per_pair: float | None  # counted (jaxjoint.flops.pair_flops), XLA's count for your own model
     xla_flops_per_pair: float | None  # XLA's count per sequence x 2V, plus the both-masked pass
     executed_flops_per_pair: float | None  # what the devices run, padded rows included (counted per sequence)
     ag_bytes_per_iteration: int | None  # the ideal: the local qA + qB table read once
@@ -115,6 +115,9 @@ class BucketPlan:
     # Programs the compiler refused as over memory; peak_bytes then counts what
     # they said they need (a lower bound).
     refused_programs: tuple[str, ...] = ()
+    # Who counted flops_per_pair: "jaxjoint.flops" (the formula of a checkpoint's
+    # family) or "XLA" (your own model: its compiled programs' cost analysis).
+    flops_counted_by: str = "jaxjoint.flops"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +143,9 @@ class PlanReport:
     reason: str | None
     versions: dict[str, str]
     compile_seconds: float
+    # Your own model (an MLMProtocol): its products are its function's, and
+    # matmul_precision only prices them.
+    own_model: bool = False
 
     @property
     def fits(self) -> bool:
@@ -162,6 +168,7 @@ class PlanReport:
             "vocab_size": self.vocab_size,
             "dtype": self.dtype,
             "matmul_precision": self.matmul_precision,
+            "own_model": self.own_model,
             "arithmetic": self.arithmetic,
             "priced_flop_per_s": self.chip.peak_flop_per_s.get(self.arithmetic),
             "methods": list(self.methods),
@@ -178,6 +185,7 @@ class PlanReport:
             "usable_memory_note": self.memory_note,
             "params_bytes": self.params_bytes,
             "flops_per_pair": worst.flops_per_pair,
+            "flops_counted_by": worst.flops_counted_by,
             "xla_flops_per_pair": worst.xla_flops_per_pair,
             "estimated_seconds_per_pair": None if est is None else est.seconds_per_pair,
             "estimated_hours_per_1000_pairs": None if est is None else est.seconds_per_pair * 1000 / 3600,
@@ -208,7 +216,8 @@ def _bucket_json(b: BucketPlan) -> dict[str, Any]:
         "chunk_size": b.chunk_size, "chunk_bound": chunk_bound(b), "n_chunks": b.n_chunks, "chunk": b.chunk,
         "peak_bytes_per_device": b.peak_bytes, "peak_program": b.peak_program,
         "peak_is_lower_bound": bool(b.refused_programs), "refused_programs": list(b.refused_programs),
-        "flops_per_pair": b.flops_per_pair, "xla_flops_per_pair": b.xla_flops_per_pair,
+        "flops_per_pair": b.flops_per_pair, "flops_counted_by": b.flops_counted_by,
+        "xla_flops_per_pair": b.xla_flops_per_pair,
         "executed_flops_per_pair": b.executed_flops_per_pair,
         "ag_bytes_per_iteration_ideal": b.ag_bytes_per_iteration,
         "estimated_seconds_per_pair": None if est is None else est.seconds_per_pair,
@@ -246,8 +255,10 @@ def format_plan(report: PlanReport) -> str:
         f"plan: {report.model} (V = {report.vocab_size:,}) on {report.target}: {report.devices} x {chip.name}"
         f"{f' over {report.hosts} hosts' if report.hosts > 1 else ''}, {report.dtype}, "
         f"methods {','.join(report.methods)}, AG {report.ag_iterations} iterations, prefetch {report.prefetch}",
-        f"products: matmul precision {report.matmul_precision} compiles to {report.arithmetic} "
-        f"({ARITHMETIC_NAMES[report.arithmetic]}); priced {priced}",
+        (f"products: as your model's function asks; priced as matmul precision {report.matmul_precision}, "
+         f"{report.arithmetic} ({ARITHMETIC_NAMES[report.arithmetic]}), {priced}" if report.own_model else
+         f"products: matmul precision {report.matmul_precision} compiles to {report.arithmetic} "
+         f"({ARITHMETIC_NAMES[report.arithmetic]}); priced {priced}"),
         f"memory per device: {_gib(chip.memory_bytes)}, usable {_gib(report.usable_bytes_per_device)} "
         f"({report.memory_note}); parameters {_gib(report.params_bytes)}",
         "compiled, not run: memory is XLA's analysis of the compiled programs; times are estimated "
@@ -263,7 +274,7 @@ def format_plan(report: PlanReport) -> str:
             str(b.length), str(b.bucket), "yes" if b.fits else "NO",
             "-" if b.chunk_size is None else f"{b.chunk_size} ({b.n_chunks} x {b.chunk}; {chunk_bound(b)})",
             (">= " if b.refused_programs else "") + _gib(b.peak_bytes), b.peak_program or "-",
-            f"{b.flops_per_pair / 1e15:.3f}",
+            "-" if b.flops_per_pair is None else f"{b.flops_per_pair / 1e15:.3f}",
             "-" if b.xla_flops_per_pair is None else f"{b.xla_flops_per_pair / 1e15:.3f}",
             "-" if est is None else f"{est.seconds_per_pair:.3g}",
             "-" if est is None else f"{est.seconds_per_pair * 1000 / 3600:.3g}",
@@ -273,6 +284,8 @@ def format_plan(report: PlanReport) -> str:
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
     lines.append("")
     worst = report.worst
+    if worst.flops_counted_by != "jaxjoint.flops":
+        lines.append(f"FLOPs counted by {worst.flops_counted_by} (your own model: no formula for its function)")
     if worst.estimate is not None:
         est = worst.estimate
         xla = "" if est.xla_tables_seconds is None else (

@@ -19,7 +19,7 @@ import tempfile
 import jax
 from jax.sharding import Mesh
 
-from jaxjoint import tables
+from jaxjoint import sharding
 from jaxjoint.errors import UserError
 from jaxjoint.plan.hardware import Chip, chip_for_device_kind, chips, gpu_target_config_text
 from jaxjoint.sharding import local_mesh, make_mesh, use_only_cpu_backend
@@ -156,11 +156,11 @@ def _local_target() -> Target:
 def target_for_devices(devices, *, usable_bytes: int | None = None) -> Target:
     """A ``local`` target over real ``devices`` (a run's mesh: ``mesh.devices.flat``),
     with ``usable_bytes`` per device, by default the memory limit this process's
-    first device reports (``tables.device_memory_limit``; the host's memory for a
+    first device reports (``sharding.device_memory_limit``; the host's memory for a
     CPU, which reports none)."""
     devices = tuple(devices)
     device = next((d for d in devices if d.process_index == jax.process_index()), devices[0])
-    limit = usable_bytes if usable_bytes is not None else tables.device_memory_limit(device)
+    limit = usable_bytes if usable_bytes is not None else sharding.device_memory_limit(device)
     reported = limit is not None
     if limit is None and device.platform == "cpu":
         limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host memory

@@ -31,16 +31,8 @@ from jaxjoint.run.distributed import Processes, ProcessFailure, describe, proces
 from jaxjoint.run.progress import progress_bar
 from jaxjoint.run.reports import summarize, summary_files, summary_markdown
 from jaxjoint.run.rundir import PairWriter, Record, RunDir
-from jaxjoint.sharding import global_mesh, local_mesh
-from jaxjoint.tables import (
-    DEFAULT_CPU_BUDGET_BYTES,
-    MAX_CHUNK,
-    PREFETCH,
-    bucket_length,
-    default_chunk_size,
-    iter_pair_tables,
-    mesh_memory_limit,
-)
+from jaxjoint.sharding import global_mesh, local_mesh, mesh_memory_limit
+from jaxjoint.tables import MAX_CHUNK, PREFETCH, bucket_length, iter_pair_tables
 
 
 def evaluate(config: EvalConfig, *, quiet: bool = False) -> dict[str, Any]:
@@ -153,7 +145,7 @@ def _memory_plan(config: EvalConfig, run: _Run, todo: list[MaskedPair], limits: 
     On devices that report their memory (GPU, TPU), the run's programs are compiled
     for its mesh and composed as ``jaxjoint.plan`` does (``make_plan`` on the
     ``local`` target, cached on disk): the chunk of each length bucket is the largest
-    that fits beside the queued pair (``tables.planned_chunk_size`` takes the same
+    that fits beside the queued pair (``plan.chunks.planned_chunk_size`` takes the same
     per bucket), without prefetching when only that fits, and a run that fits in
     neither way stops with the plan's one-line reason. On CPU (no limit) nothing is
     compiled: the chunk comes from ``DEFAULT_CPU_BUDGET_BYTES``, as in ``pair_tables``.
@@ -166,6 +158,9 @@ def _memory_plan(config: EvalConfig, run: _Run, todo: list[MaskedPair], limits: 
     buckets = sorted({bucket_length(len(p.input_ids), run.mlm.config.max_positions) for p in todo})
     if any(limit is None for limit in limits):
         if one_chunk and config.chunk_size is None:
+            from jaxjoint.plan.chunks import DEFAULT_CPU_BUDGET_BYTES, default_chunk_size
+
+
             return default_chunk_size(run.mlm.config, buckets[-1], config.dtype, DEFAULT_CPU_BUDGET_BYTES), PREFETCH
         return config.chunk_size, PREFETCH
 
