@@ -102,6 +102,22 @@ def test_readme_own_model_example_runs(capsys):
     assert list(printed) == list(METRICS) and all(math.isfinite(v) for v in printed.values())
 
 
+@pytest.mark.slow  # the v5e compiles of the model's programs, two joints and their metrics: about 7 s
+def test_readme_own_model_plan_runs(capsys, monkeypatch):
+    monkeypatch.setenv("JAXJOINT_PLAN_CACHE", "off")
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = text.split("Your own model, in plain JAX", 1)[1].split("```python\n")[1:3]
+    model, plan = (block.split("```", 1)[0] for block in blocks)
+    assert "make_plan" in plan and len(plan.strip().splitlines()) <= 3
+    scope: dict = {}
+    exec(compile(model, "README.md", "exec"), scope)
+    capsys.readouterr()
+    exec(compile(plan, "README.md", "exec"), scope)
+    printed = capsys.readouterr().out
+    assert "apply_fn (your model) (V = 33) on v5e:2x2: 4 x TPU v5e" in printed
+    assert "FLOPs counted by XLA" in printed and printed.rstrip().endswith("fits")
+
+
 def test_own_model_user_errors(model):
     assert isinstance(model, jaxjoint.MLMProtocol)
     with pytest.raises(UserError, match=r"position 0 is the special token id 1; choose a word position"):

@@ -185,6 +185,42 @@ def test_pair_tables_takes_the_compiled_chunk_where_devices_report_memory(wide_m
     np.testing.assert_allclose(got.logits_b, expected.logits_b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # a chunk search over your own model's programs: about 10 s
+def test_your_own_model_takes_the_compiled_chunk_where_devices_report_memory(monkeypatch):
+    """A FunctionMLM with no chunk_size: 64 sequences a step on CPU, nothing compiled;
+    where devices report memory, the largest chunk whose compiled programs of its own
+    function fit beside the queued pair, as for a checkpoint."""
+    from jaxjoint import FunctionMLM
+    from jaxjoint.plan import compile as plan_compile
+    from jaxjoint.plan.models import own_model
+    from tests.own_model import CLS, MASK, PAD, SEP, tiny_apply, tiny_params
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a program was compiled to plan memory on a CPU run")
+
+    mlm = FunctionMLM(tiny_apply, tiny_params(vocab=1024, hidden=64, max_len=32), vocab_size=1024,
+                      mask_token_id=MASK, special_token_ids={CLS, SEP, PAD})
+    ids = np.array([CLS, 7, 12, 9, 30, 8, 21, 40, 11, 5, 17, SEP])  # 12 tokens: bucket 16
+    chunks = record_chunks(monkeypatch)
+    with monkeypatch.context() as patch:
+        patch.setattr(plan_compile, "compile_program", refuse)
+        expected = pair_tables(mlm, ids, 2, 4)
+    assert chunks == [chunking(1024, chunk_policy.OWN_MODEL_CPU_CHUNK)] * 2
+    mesh = make_mesh(jax.devices()[:1])
+    own = own_model(mlm)
+    need = [fit.tables_cost(mesh, own, 16, "float32", c) for c in (8, 1024)]
+    need = [c.peak_bytes + c.output_bytes for c in need]
+    limit = fit.assemble_cost(mesh, 1024).output_bytes + need[0] + (need[1] - need[0]) // 3
+    give_memory(monkeypatch, limit)
+    choice = fit.run_chunk(mesh, own, 16, "float32", usable_bytes=limit, prefetch=tables.PREFETCH)
+    assert choice is not None and choice.next_up is not None and 8 < choice.chunk < 1024
+    chunks.clear()
+    got = pair_tables(mlm, ids, 2, 4)
+    assert chunks == [chunking(1024, choice.chunk_size)] * 2 == [(choice.n_chunks, choice.chunk)] * 2
+    np.testing.assert_allclose(got.logits_a, expected.logits_a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.logits_b, expected.logits_b, rtol=1e-5, atol=1e-5)
+
+
 def evaluate_wide(wide_ckpt, sentences, out, quiet=True, **overrides):
     from jaxjoint.config import resolve_config
     from jaxjoint.run import evaluate

@@ -9,6 +9,7 @@ comes from a compile made by the test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -17,6 +18,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxjoint import FunctionMLM
 from jaxjoint.errors import UserError
 from jaxjoint.flops import pair_flops, sequence_flops
 from jaxjoint.joints import AG_ITERS, METHODS
@@ -25,10 +27,12 @@ from jaxjoint.models.precision import ARITHMETIC, MODES
 from jaxjoint.plan import cache, fit, format_plan, largest_fitting_chunk, make_plan, planning_config, resolve_target
 from jaxjoint.plan.compile import hlo_cost_analysis, local_rows, xla_cost
 from jaxjoint.plan.hardware import chips
+from jaxjoint.plan.models import own_model
 from jaxjoint.plan.report import priced_arithmetic, roofline, table_passes
 from jaxjoint.sharding import make_mesh
 from jaxjoint.tables import chunking
 from tests.hf_fixtures import hf_config
+from tests.own_model import CLS, MASK, PAD, SEP, tiny_apply, tiny_params
 
 TINY = EncoderConfig(
     family="bert", vocab_size=1024, hidden_size=64, embedding_size=64, num_layers=1, num_heads=2,
@@ -351,3 +355,85 @@ def test_local_plan_compiles_for_this_process_devices():
     assert report.target == "local" and report.devices == jax.local_device_count()
     assert report.fits and report.worst.peak_bytes <= report.usable_bytes_per_device
     assert report.worst.flops_per_pair == pair_flops(TINY, 16)
+
+
+# --- your own model (a FunctionMLM: plain JAX, no HF files) -------------------------------------------
+
+
+def own_mlm(seed: int = 0, *, vocab: int = 1024, hidden: int = 64, apply_fn=tiny_apply, **options) -> FunctionMLM:
+    return FunctionMLM(apply_fn, tiny_params(seed, vocab=vocab, hidden=hidden, max_len=32), vocab_size=vocab,
+                       mask_token_id=MASK, special_token_ids={CLS, SEP, PAD}, max_positions=32, **options)
+
+
+def own_sequence_flops(vocab: int, hidden: int, length: int, positions: int = 1) -> int:
+    """tiny_apply's matrix products on one sequence, counted by hand: Q, K, V and the
+    tanh block at every position, scores and weighted values, the head at ``positions``."""
+    return 4 * 2 * length * hidden * hidden + 2 * 2 * length * length * hidden + 2 * positions * hidden * vocab
+
+
+def test_own_model_programs_are_keyed_by_what_they_compute():
+    """The plan cache (on disk, across processes) keys your own model by its lowered
+    function: equal for other weights of the same shapes or abstract parameters,
+    different for another function, width or length."""
+    mesh = make_mesh(jax.devices()[:1])
+    key = own_model(own_mlm()).cache_key(mesh, 16)
+    assert own_model(own_mlm(seed=1)).cache_key(mesh, 16) == key
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), own_mlm().params)
+    assert own_model(FunctionMLM(tiny_apply, abstract, vocab_size=1024, mask_token_id=MASK)).cache_key(mesh, 16) == key
+    doubled = lambda p, i, m, k: 2.0 * tiny_apply(p, i, m, k)
+    others = [own_model(own_mlm(hidden=32)).cache_key(mesh, 16), own_model(own_mlm()).cache_key(mesh, 24),
+              own_model(own_mlm(apply_fn=doubled)).cache_key(mesh, 16)]
+    assert len({key, *others}) == 4
+
+
+def test_own_model_plan_errors_are_one_line():
+    with pytest.raises(UserError, match="computes in float32"):
+        make_plan("h100", own_mlm(), dtype="bfloat16")
+    with pytest.raises(UserError, match="cannot plan a dict"):
+        make_plan("h100", {"vocab_size": 1024})
+
+
+@pytest.mark.slow  # about 12 s (h100) and 25 s (v5e) of compiles
+@pytest.mark.parametrize("target", ["h100", "v5e:2x2"])
+def test_own_model_plans_for_a_gpu_and_a_tpu(target):
+    mlm = own_mlm()
+    report = make_plan(target, mlm, lengths=[16], methods=("mrf",))
+    assert report.fits and report.reason is None and report.own_model and "tiny_apply" in report.model
+    bucket = report.worst
+    assert bucket.peak_bytes <= report.usable_bytes_per_device
+    assert report.params_bytes == sum(a.nbytes for a in jax.tree.leaves(mlm.params))
+    # FLOPs: XLA's count of the compiled programs, against a count by hand of the
+    # model's products (XLA adds softmax, tanh and the bias: a few percent here)
+    hand = 2 * 1024 * own_sequence_flops(1024, 64, 16) + own_sequence_flops(1024, 64, 16, 2)
+    assert bucket.flops_counted_by == "XLA" and bucket.flops_per_pair == bucket.xla_flops_per_pair
+    assert hand <= bucket.flops_per_pair <= 1.1 * hand
+    assert bucket.estimate is not None and bucket.estimate.seconds_per_pair > 0
+    text = format_plan(report)
+    assert "FLOPs counted by XLA" in text and "as your model's function asks" in text
+    json.dumps(report.to_json())
+    # The compiled tables program holds more for more sequences a step; its table does not change.
+    mesh, own = resolve_target(target).mesh(), own_model(mlm)
+    small, large = (fit.tables_cost(mesh, own, 16, "float32", c) for c in (8, 64))
+    assert small.peak_bytes < large.peak_bytes and small.output_bytes == large.output_bytes
+    assert own_sequence_flops(1024, 64, 16) <= large.flops / 64 <= 1.1 * own_sequence_flops(1024, 64, 16)
+
+
+@pytest.mark.slow  # about 6 compiles
+def test_own_model_chunk_fits_the_memory_limit():
+    """A usable memory between what 8 sequences and what every row at once need: the
+    plan's chunk fits beside the queued pair, the next size up does not, and the
+    plan's peak is within the limit."""
+    own = own_model(own_mlm())
+    target = resolve_target("h100")
+    mesh = target.mesh()
+    pair = fit.assemble_cost(mesh, 1024).output_bytes
+    need = {c: fit.tables_cost(mesh, own, 16, "float32", c) for c in (8, 1024)}
+    need = {c: cost.peak_bytes + cost.output_bytes for c, cost in need.items()}
+    budget = need[8] + (need[1024] - need[8]) // 3
+    small = dataclasses.replace(target, usable_bytes_per_device=pair + budget)
+    report = make_plan(small, own_mlm(), lengths=[16], methods=("mrf",))
+    bucket = report.worst
+    assert report.fits and 8 < bucket.chunk_size < 1024, bucket.chunk_size
+    assert bucket.peak_bytes <= small.usable_bytes_per_device
+    assert fit.tables_fit(fit.tables_cost(mesh, own, 16, "float32", bucket.chunk_size), budget)
+    assert not fit.tables_fit(fit.tables_cost(mesh, own, 16, "float32", bucket.chunk_size + 8), budget)

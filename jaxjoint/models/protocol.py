@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, Sharding
 
 from jaxjoint.errors import UserError
+from jaxjoint.sharding import mesh_memory_limit
 
 # (params, input_ids int32[B, L], attention_mask int32[B, L], positions int32[B, K])
 #   -> float32[B, K, V]: the logits at ``positions`` of each row.
@@ -92,8 +93,9 @@ class FunctionMLM:
       ``pair_tables`` refuses a position holding one; default none.
     max_positions: the longest sentence the model reads; None (default): any.
     chunk_size: sequences per device per step when ``pair_tables`` is given no
-      ``chunk_size`` (a multiple of 8; the stage cannot plan memory for a function
-      it does not know).
+      ``chunk_size``; None (default): on devices that report their memory (GPU,
+      TPU), the largest chunk whose compiled tables programs fit beside the queued
+      pairs, as for a checkpoint (``jaxjoint.plan.chunks``); on CPU, 64.
     tokenizer: optional, only for naming tokens in messages.
     dtype: the name of the dtype ``apply_fn`` computes in (it is not changed).
     """
@@ -105,10 +107,11 @@ class FunctionMLM:
     pad_token_id: int = 0
     special_token_ids: frozenset[int] = frozenset()
     max_positions: int | None = None
-    chunk_size: int = 64
+    chunk_size: int | None = None
     tokenizer: Any = None
     dtype: str = "float32"
     _placed: dict = dataclasses.field(default_factory=dict, repr=False)
+    _chunks: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not callable(self.apply_fn):
@@ -122,7 +125,7 @@ class FunctionMLM:
                 raise UserError(f"FunctionMLM: {name} {value} is outside the vocabulary [0, {self.vocab_size})")
             setattr(self, name, value)
         self.special_token_ids = frozenset(int(i) for i in self.special_token_ids)
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise UserError(f"FunctionMLM: chunk_size must be >= 1; got {self.chunk_size}")
         if self.max_positions is not None and self.max_positions < 1:
             raise UserError(f"FunctionMLM: max_positions must be >= 1 or None; got {self.max_positions}")
@@ -145,5 +148,14 @@ class FunctionMLM:
         return self
 
     def planned_chunk(self, mesh: Mesh, length: int, prefetch: int) -> int:
-        """``chunk_size``, whatever the mesh and length."""
-        return self.chunk_size
+        """``chunk_size`` if given, else the planner's choice (``chunk_size`` above),
+        kept per mesh, length, prefetch and memory limit."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        key = (mesh, length, prefetch, mesh_memory_limit(mesh))
+        if key not in self._chunks:
+            # The policy compiles this model's tables programs: imported when asked.
+            from jaxjoint.plan.chunks import planned_chunk_size
+
+            self._chunks[key] = planned_chunk_size(mesh, self, length, self.dtype, prefetch=prefetch)
+        return self._chunks[key]

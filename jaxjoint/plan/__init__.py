@@ -8,11 +8,13 @@ fits (found by compiling), FLOPs per pair, and a roofline estimate of the time
 per pair, labelled as an estimate.
 
 - ``make_plan(target, model, ...) -> PlanReport``; ``format_plan(report)``;
-  ``report.to_json()``;
+  ``report.to_json()``; ``model`` a name, a config, a ``MaskedLM`` or your own JAX
+  model (any ``MLMProtocol``, e.g. ``FunctionMLM``: ``models.OwnModel``);
 - ``largest_fitting_chunk(mesh, config, length, dtype, budget_bytes=...)``: the
   cached chunk search, on real or compile-only devices; ``fit.run_chunk``: that
   search for a run beside its queued pairs (what ``evaluate`` and ``pair_tables``
-  take on a GPU or TPU);
+  take on a GPU or TPU); ``chunks.planned_chunk_size``: the chunk ``chunk_size=None``
+  takes;
 - ``resolve_target``, ``planning_config``: TARGET strings and model names;
   ``target_for_devices(mesh.devices.flat)``: a run's own devices as a target.
 """
