@@ -437,3 +437,15 @@ def test_own_model_chunk_fits_the_memory_limit():
     assert bucket.peak_bytes <= small.usable_bytes_per_device
     assert fit.tables_fit(fit.tables_cost(mesh, own, 16, "float32", bucket.chunk_size), budget)
     assert not fit.tables_fit(fit.tables_cost(mesh, own, 16, "float32", bucket.chunk_size + 8), budget)
+
+
+@pytest.mark.slow  # a checkpoint's tables programs for this host's 8 CPU devices: about 5 s
+def test_a_loaded_checkpoint_plans_as_its_config(sharp_ckpt):
+    from jaxjoint import load_mlm
+
+    mlm = load_mlm(sharp_ckpt)
+    report = make_plan("local", mlm, lengths=[10], methods=())
+    assert not report.own_model and report.worst.flops_counted_by == "jaxjoint.flops"
+    assert report.worst.flops_per_pair == pair_flops(mlm.config, report.worst.bucket)
+    assert report.to_json() | {"model": None, "compile_seconds": None} == make_plan(
+        "local", mlm.config, lengths=[10], methods=()).to_json() | {"model": None, "compile_seconds": None}

@@ -135,9 +135,10 @@ class OwnModel:
     def cache_key(self, mesh: Mesh, length: int) -> str:
         """What identifies this model's programs for sentences of ``length`` tokens
         across processes (``plan.cache``): a digest of the function lowered for one
-        such sentence (its StableHLO: the operations, shapes and constants, not its
-        name or address), with V and the mask id. A function that cannot be lowered
-        here gets a key of its own, never reused."""
+        such sentence (its StableHLO text: operations, shapes, constants and the
+        function's name, not its address or the weights' values), with V and the
+        mask id. A function that cannot be lowered here gets a key of its own, never
+        reused."""
         platform = mesh.devices.flat[0].platform
         if (platform, length) not in self._keys:
             ids = jax.ShapeDtypeStruct((1, length), jnp.int32)
