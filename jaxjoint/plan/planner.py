@@ -76,7 +76,8 @@ def make_plan(
     """
     name, config = _planned_model(model)
     if dtype is None:
-        dtype = config.dtype if isinstance(config, OwnModel) else getattr(model, "dtype", "float32")
+        dtype = (config.dtype if isinstance(config, OwnModel) else model.dtype if isinstance(model, MaskedLM)
+                 else "float32")
     if dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     if isinstance(config, OwnModel) and dtype != config.dtype:
