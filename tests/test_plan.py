@@ -396,8 +396,10 @@ def test_own_model_plan_errors_are_one_line():
 @pytest.mark.slow  # about 12 s (h100) and 25 s (v5e) of compiles
 @pytest.mark.parametrize("target", ["h100", "v5e:2x2"])
 def test_own_model_plans_for_a_gpu_and_a_tpu(target):
+    """Planned from abstract parameters (no weights), as the README says it may be."""
     mlm = own_mlm()
-    report = make_plan(target, mlm, lengths=[16], methods=("mrf",))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), mlm.params)
+    report = make_plan(target, dataclasses.replace(mlm, params=abstract), lengths=[16], methods=("mrf",))
     assert report.fits and report.reason is None and report.own_model and "tiny_apply" in report.model
     bucket = report.worst
     assert bucket.peak_bytes <= report.usable_bytes_per_device
