@@ -163,11 +163,12 @@ def test_fixed_count_is_the_papers():
     assert int(derive_joint(raw.tables(), "ag").info["iters"]) == 40
 
 
-def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
+def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True, block_rows: int | None = 3):
     """One pass of AG's loop (``ag.iteration_sums``) at the marginals given:
     (row logsumexps [Vp], column logsumexps [V]) of its unnormalised cells. Without
     ``fallback`` the exact log-space recomputation returns NaN, so that a result
-    shows which path made it."""
+    shows which path made it. block_rows: the CPU's row blocks, or None (the
+    whole local table at once, as on GPU and TPU)."""
     tables = shard_tables(raw.tables(padded_vocab_size=vp), mesh)
     v = raw.fa.shape[0]
     log_pa = jax.device_put(np.pad(log_pa, (0, vp - v), constant_values=-np.inf).astype(np.float32),
@@ -181,7 +182,7 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
             return (row, col) if fallback else (row * jnp.nan, col * jnp.nan)
 
         table = ag.invariant_table(fa, fb, norm_a, norm_b)
-        return ag.iteration_sums(table, log_pa, log_pb, exact, block_rows=3)
+        return ag.iteration_sums(table, log_pa, log_pb, exact, block_rows=block_rows)
 
     norm_a, norm_b = streaming.normalisers(tables)
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, repl, rows, repl),
@@ -189,8 +190,9 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True):
     return fn(tables.logits_a, tables.logits_b, norm_b, norm_a, log_pa, jnp.asarray(log_pb, jnp.float32))
 
 
+@pytest.mark.parametrize("block_rows", [3, None])
 @pytest.mark.parametrize("devices", [pytest.param(1, marks=pytest.mark.slow), 8])
-def test_ag_pass_in_and_beyond_float32_range(devices, monkeypatch):
+def test_ag_pass_in_and_beyond_float32_range(devices, block_rows, monkeypatch):
     """Marginals within e^-3 of each other: the probability-space pass alone is
     exact. A marginal of e^-150 at row 7, then also e^-200 at column 5: their
     cells underflow there, the pass detects each and recomputes in log space;
@@ -209,14 +211,14 @@ def test_ag_pass_in_and_beyond_float32_range(devices, monkeypatch):
         assert_close(np.asarray(row_lse)[:v], logsumexp(cells, axis=1), rtol=1e-6)
         assert_close(col_lse, logsumexp(cells, axis=0), rtol=1e-6)
 
-    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, fallback=False))
+    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, fallback=False, block_rows=block_rows))
     log_pa[7] = -150.0
-    check(*ag_pass(raw, log_pa, log_pb, mesh, vp))
+    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, block_rows=block_rows))
     log_pb[5] = -200.0
-    check(*ag_pass(raw, log_pa, log_pb, mesh, vp))
+    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, block_rows=block_rows))
 
     monkeypatch.setattr(ag, "_TRUST", 0.0)  # trust every sum: never recompute
-    row_lse, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp)
+    row_lse, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp, block_rows=block_rows)
     assert not np.isfinite(np.asarray(row_lse)[7]) and not np.isfinite(np.asarray(col_lse)[5])
 
 

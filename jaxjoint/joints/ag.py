@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxjoint.errors import UserError
+from jaxjoint.models.precision import platform_of
 from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
 from jaxjoint.joints.streaming import (
     REPLICATED,
@@ -36,6 +37,9 @@ MEMORY = 8  # Anderson's secants (DESIGN.md §1: measured against 3 and 5)
 RESTART = 10.0  # residual growth over the smallest seen that discards the memory
 _RIDGE = 1e-6
 _CLEAN_SECANT = 2.0**-17  # ~32 x float32's rounding of a residual's L1 norm
+# CPU: cells per block of a pass (benchmarks/ag_iteration.py: 2^19 and 2^20 measured
+# alike, 2^18 and below slower; the block's cells stay in cache for the column product)
+PASS_BLOCK_CELLS = 1 << 19
 
 
 def schedule(iters: int | None = None, tol: float | None = None, max_iters: int | None = None,
@@ -73,50 +77,73 @@ _TRUST = 2.0**24
 
 
 def invariant_table(fa, fb, norm_a, norm_b):
-    """AG's loop-invariant part, once per pair: ``qA(a|b) + qB(b|a) = E[a, b] e^s[a]``.
+    """AG's loop-invariant part, once per pair: ``qA(a|b) + qB(b|a) = E[a, b] e^s_max``.
 
     fa, fb: local rows of the logit tables float32[n, V]; norm_a of float32[V],
-    norm_b of float32[n]. Returns E float32[n, V] (each row scaled to a maximum of
-    1) and s float32[n] (-inf on padding rows, where E is 0).
+    norm_b of float32[n]. Returns (E float32[n, V], s_max float32[], valid bool[n]):
+    one scale for the whole local table (its largest cell is 1), so that the row and
+    the column sums of a pass are sums of the same cells; valid is False on padding
+    rows (all 0). Nothing of a real row is lost to the common scale beyond a factor
+    2V: a row's largest cell is at least max_b qB(b|a) >= 1/V, and s_max <= log 2.
     """
     log_qa, log_qb = norm_a[None, :].log_q(fa), norm_b[:, None].log_q(fb)
     hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
     log_s = hi + jnp.log(1 + exp_gap(lo, hi))
-    row_max = log_s.max(axis=1)
-    return jnp.exp(log_s - neg_inf_to_zero(row_max)[:, None]), row_max
+    valid = jnp.isfinite(log_s.max(axis=1))
+    s_max = neg_inf_to_zero(log_s.max())
+    return jnp.exp(log_s - s_max), s_max, valid
 
 
-def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
+def pass_block_rows(mesh, vocab: int) -> int | None:
+    """Rows per block of AG's pass on ``mesh``'s platform (``iteration_sums``): on CPU,
+    blocks of about ``PASS_BLOCK_CELLS`` cells (their cells stay in cache between the
+    two sums); on GPU and TPU, None: the whole local table in one fused pass."""
+    if platform_of(mesh.devices.flat[0]) != "cpu":
+        return None
+    return max(1, PASS_BLOCK_CELLS // vocab)
+
+
+def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | None):
     """One AG pass, inside ``shard_map``: (row logsumexps of the local rows
     float32[n], column logsumexps over all devices float32[V]) of
     ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
 
+    table: ``invariant_table``'s (E float32[n, V], s_max, valid bool[n]); log_pa
+    float32[n], log_pb float32[V]. block_rows: rows per block (CPU), or None: the
+    whole local table at once (GPU, TPU; ``pass_block_rows``).
+
     In probability space, scaled so that nothing overflows: with c = max log pB,
     u = e^(c - log pA) >= 1/V and w = e^(c - log pB) >= 1,
-    ``p~ = E[a, b] / (u[a] + w[b]) x e^(s[a] + c)``, every term of the sums at
-    most 1: a division per cell, no transcendental. A term that underflows there
-    is below float32's smallest normal; when a row sum, or a column's total over
-    all devices, is not 2^24 times the most such terms can add up to (marginals
-    or conditionals more than ~60 nats apart), every device redoes the pass with
-    ``exact()`` (its local rows and columns, in log space, four exps per cell).
-    The decision is taken on all-reduced values, so it is the same on every
-    device and does not depend on how the rows are split.
+    ``p~ = E[a, b] / (u[a] + w[b]) x e^(s_max + c)``, every term of the sums at
+    most 1: a division per cell, no transcendental, and both sums sum the same
+    cells. By blocks (CPU) a block's cells are computed once, summed along rows by a
+    reduction and along columns by a product with ones (XLA:CPU's column reduction
+    is several times slower than its matrix-vector product); whole (GPU, TPU) XLA
+    fuses the division into the two reductions and reads E once (TPU: one fusion).
+    A term that underflows there is below float32's smallest normal; when a row sum,
+    or a column's total over all devices, is not 2^24 times the most such terms can
+    add up to (marginals or conditionals more than ~60 nats apart), every device
+    redoes the pass with ``exact()`` (its local rows and columns, in log space, four
+    exps per cell). The decision is taken on all-reduced values, so it is the same
+    on every device and does not depend on how the rows are split.
     """
-    e, s = table
+    e, s_max, valid = table
+    n, v = e.shape
     c = log_pb.max()
     w = jnp.exp(c - log_pb)
-    valid = jnp.isfinite(s)
-    s_max = neg_inf_to_zero(jnp.where(valid, s, -jnp.inf).max())
-    weight = jnp.exp(s - s_max)  # per row, for the column sums; 0 on padding
+    u = jnp.exp(c - log_pa)
+    if block_rows is None:
+        x = e / (u[:, None] + w[None, :])
+        col_sum, row_sum = x.sum(axis=0), x.sum(axis=1)
+    else:
+        def step(col_sum, block):
+            e, u = block
+            x = e / (u[:, None] + w[None, :])
+            ones = jnp.ones(x.shape[0], x.dtype)
+            return col_sum + jnp.dot(ones, x, precision=lax.Precision.HIGHEST), x.sum(axis=1)
 
-    def step(col_sum, block):
-        e, log_pa, weight = block
-        x = e / (jnp.exp(c - log_pa)[:, None] + w[None, :])
-        return col_sum + (x * weight[:, None]).sum(axis=0), x.sum(axis=1)
-
-    init = lax.pcast(jnp.zeros(w.shape), VOCAB_AXIS, to="varying")
-    col_sum, row_sum = fold_rows(step, init, (e, log_pa, weight), block_rows)
-    n, v = e.shape
+        init = lax.pcast(jnp.zeros(w.shape), VOCAB_AXIS, to="varying")
+        col_sum, row_sum = fold_rows(step, init, (e, u), block_rows)
     rows_lost = ~jnp.all((row_sum >= _TRUST * v * _SMALLEST_NORMAL) | ~valid)
     # One all-reduce carries the columns, the bound on what they may have lost,
     # and (as log of a count) whether any device lost a row sum.
@@ -133,7 +160,8 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int):
         row_lse, col_lse = exact()
         return row_lse, logsumexp_across_devices(col_lse)
 
-    return lax.cond(trusted, lambda: (jnp.log(row_sum) + s + c, col_lse), redo)
+    row_lse = jnp.where(valid, jnp.log(row_sum) + s_max + c, -jnp.inf)
+    return lax.cond(trusted, lambda: (row_lse, col_lse), redo)
 
 
 def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, accelerated: bool = False):
@@ -152,6 +180,7 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
     """
     v = fa.shape[1]
     cell = block_cell("ag")
+    pass_rows = pass_block_rows(mesh, v)
 
     def local(fa, fb, norm_b, log_pa, norm_a, log_pb, max_steps, tol):
         # One local table more than the inputs, so each iteration reads one table. (XLA's CPU
@@ -166,7 +195,7 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
             def exact():
                 return local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
 
-            row_lse, col_lse = iteration_sums(table, log_pa, log_pb, exact, block_rows)
+            row_lse, col_lse = iteration_sums(table, log_pa, log_pb, exact, pass_rows)
             log_z = jax.nn.logsumexp(col_lse)
             fx = (row_lse - log_z, col_lse - log_z)
             res = jax.tree.map(lambda f, x: jnp.exp(f) - jnp.exp(x), fx, x)
