@@ -1,8 +1,14 @@
-"""One Arnold-Gokhale iteration at vocabulary size V: fused streaming pass vs a dense joint.
+"""One Arnold-Gokhale pass and iteration at vocabulary size V, against the memory bandwidth.
 
     python -m benchmarks.ag_iteration [--vocab 4096] [--json PATH]
 
-jaxjoint's iteration (``derive_joint(..., "ag")``) reads one V x V table,
+One pass (``ag.iteration_sums``: the row and column sums of one AG map, on the
+loop-invariant table, at fixed marginals) is timed alone, beside the previous
+pass (kept here as ``previous_pass``: a row-scaled table whose column sums weight
+every cell, XLA's column reduction, blocks of 2^18 cells) and a large array copy,
+interleaved round by round with the same warm-up and repeats, so that both passes
+and the copy see the same load. Its bytes are one read of the float32 table,
+4 V^2. jaxjoint's iteration (``derive_joint(..., "ag")``) reads one V x V table,
 qA + qB (row-scaled), built once per pair from the two conditional tables, and keeps only
 the two marginals; its time per iteration is the difference between runs of
 ``1 + n`` and ``1`` iterations divided by ``n`` (the set-up work common to both
@@ -26,9 +32,91 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import machine, measured_bandwidth, print_table, write_json
-from jaxjoint.joints import derive_joint
-from jaxjoint.joints.streaming import default_block_rows
+from jaxjoint.joints import ag, derive_joint, resolve_mesh
+from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
+from jaxjoint.joints.streaming import (REPLICATED, ROWS, default_block_rows, fold_rows, local_row_col_lse,
+                                       logsumexp_across_devices, normalisers, shard)
+from jaxjoint.sharding import VOCAB_AXIS
 from jaxjoint.tables import tables_from_logits
+
+
+def previous_table(fa, fb, norm_a, norm_b):
+    """The previous loop-invariant table: qA + qB = E[a, b] e^s[a], each row of E
+    scaled to a maximum of 1 (float32[n, V], float32[n])."""
+    log_qa, log_qb = norm_a[None, :].log_q(fa), norm_b[:, None].log_q(fb)
+    hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
+    log_s = hi + jnp.log(1 + exp_gap(lo, hi))
+    row_max = log_s.max(axis=1)
+    return jnp.exp(log_s - neg_inf_to_zero(row_max)[:, None]), row_max
+
+
+def previous_pass(table, log_pa, log_pb, block_rows: int):
+    """The previous pass's sums (no underflow check): per block of rows, the cells
+    E / (u + w), their row sums and their column sums weighted by e^(s - max s)
+    (XLA's column reduction). Returns (row lse float32[n], column lse float32[V])."""
+    e, s = table
+    c = log_pb.max()
+    w = jnp.exp(c - log_pb)
+    s_max = neg_inf_to_zero(s.max())
+    weight = jnp.exp(s - s_max)
+
+    def step(col_sum, block):
+        e, log_pa, weight = block
+        x = e / (jnp.exp(c - log_pa)[:, None] + w[None, :])
+        return col_sum + (x * weight[:, None]).sum(axis=0), x.sum(axis=1)
+
+    init = jax.lax.pcast(jnp.zeros(w.shape), VOCAB_AXIS, to="varying")
+    col_sum, row_sum = fold_rows(step, init, (e, log_pa, weight), block_rows)
+    return jnp.log(row_sum) + s + c, logsumexp_across_devices(jnp.log(col_sum) + s_max + c)
+
+
+def pass_programs(tables, block_rows: int):
+    """Jitted (new pass, previous pass) on one device: each takes (log pA [V], log pB
+    [V]) and returns (row lse, column lse); their tables are built once, here."""
+    mesh = resolve_mesh(tables, None)
+    norm_a, norm_b = normalisers(tables)
+    fa, fb = tables.logits_a, tables.logits_b
+    pass_rows = ag.pass_block_rows(mesh, tables.vocab_size)
+    specs = (ROWS, ROWS, ROWS, REPLICATED)
+
+    def new_table(fa, fb, norm_b, norm_a):
+        e, s_max, valid = ag.invariant_table(fa, fb, norm_a, norm_b)
+        return e, s_max[None], valid  # the scale is per device: [1] each
+
+    def old_table(fa, fb, norm_b, norm_a):
+        return previous_table(fa, fb, norm_a, norm_b)
+
+    new = jax.jit(shard(mesh, new_table, specs, (ROWS, ROWS, ROWS)))(fa, fb, norm_b, norm_a)
+    old = jax.jit(shard(mesh, old_table, specs, (ROWS, ROWS)))(fa, fb, norm_b, norm_a)
+
+    def one_pass(table, fa, fb, norm_b, log_pa, norm_a, log_pb):
+        def exact():
+            return local_row_col_lse(block_cell("ag"), (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
+        e, s_max, valid = table
+        return ag.iteration_sums((e, s_max[0], valid), log_pa, log_pb, exact, pass_rows)
+
+    run_new = jax.jit(shard(mesh, one_pass, ((ROWS, ROWS, ROWS),) + specs[:3] + (ROWS, REPLICATED, REPLICATED),
+                            (ROWS, REPLICATED)))
+    run_old = jax.jit(shard(mesh, lambda t, lp_a, lp_b: previous_pass(t, lp_a, lp_b, block_rows),
+                            ((ROWS, ROWS), ROWS, REPLICATED), (ROWS, REPLICATED)))
+    return (lambda lp_a, lp_b: run_new(new, fa, fb, norm_b, lp_a, norm_a, lp_b),
+            lambda lp_a, lp_b: run_old(old, lp_a, lp_b), pass_rows)
+
+
+def interleaved(fns: dict, rounds: int, per_round: int = 3) -> dict:
+    """Median seconds of each ``fns[k]()`` (after one warm-up call each), timed in
+    ``rounds`` rounds of ``per_round`` calls each, the functions taking turns, so
+    that a change of the machine's load touches all of them alike."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    samples = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(per_round):
+                start = time.perf_counter()
+                jax.block_until_ready(fn())
+                samples[k].append(time.perf_counter() - start)
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 @jax.jit
@@ -84,6 +172,7 @@ def main() -> None:
     parser.add_argument("--extra", type=int, default=10, help="iterations timed beyond the first")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--block-rows", type=int, default=None, help="rows per streaming block")
+    parser.add_argument("--rounds", type=int, default=7, help="rounds of the interleaved pass timing")
     parser.add_argument("--json", default="benchmarks/results/ag_iteration.json")
     args = parser.parse_args()
     v = args.vocab
@@ -93,6 +182,24 @@ def main() -> None:
     logits_b = 3 * jax.random.normal(key_b, (v, v), jnp.float32)
     tables = tables_from_logits(logits_a, logits_b, jnp.zeros(v), jnp.zeros(v))
     block_rows = args.block_rows or default_block_rows(tables, None)
+
+    new_pass, old_pass, pass_rows = pass_programs(tables, block_rows)
+    rng = np.random.default_rng(0)  # marginals of a mid-run iterate: random, within float32's easy range
+    log_pa = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
+    log_pb = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
+    copy_bytes = 1 << 28
+    scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    buffer = [scale(jnp.ones(copy_bytes // 4, jnp.float32))]
+
+    def copy():
+        buffer[0] = scale(buffer[0])
+        return buffer[0]
+
+    passes = interleaved({"new": lambda: new_pass(log_pa, log_pb), "old": lambda: old_pass(log_pa, log_pb),
+                          "copy": copy}, args.rounds)
+    pass_bandwidth = 2 * copy_bytes / passes["copy"]
+    pass_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+                    for a, b in zip(new_pass(log_pa, log_pb), old_pass(log_pa, log_pb)))
 
     bandwidth = measured_bandwidth()
     fused = per_iteration(
@@ -126,6 +233,13 @@ def main() -> None:
             "jaxjoint_speedup": seconds / fused,
         }
 
+    pass_rows_out = [
+        {"pass": name, "ms": 1e3 * passes[key], "bytes": fused_bytes, "GB_per_s": fused_bytes / passes[key] / 1e9,
+         "fraction_of_copy_bw": fused_bytes / passes[key] / pass_bandwidth}
+        for name, key in (("jaxjoint pass", "new"), ("previous pass", "old"))]
+    print(f"One pass, V = {v} (pass block {pass_rows} rows; previous: {block_rows}), copy bandwidth "
+          f"{pass_bandwidth / 1e9:.4g} GB/s in the same rounds; max |lse difference| {pass_diff:.2g}")
+    print_table(pass_rows_out, list(pass_rows_out[0]))
     rows = [
         row("jaxjoint (streaming, one table)", fused, fused_bytes),
         row("dense joint, probability space", dense, dense_bytes),
@@ -145,6 +259,12 @@ def main() -> None:
             "extra_iterations": args.extra,
             "repeats": args.repeats,
             "copy_bandwidth_bytes_per_s": bandwidth,
+            "pass": {"block_rows": pass_rows, "previous_block_rows": block_rows, "rounds": args.rounds,
+                     "copy_bandwidth_bytes_per_s": pass_bandwidth, "s_per_pass": passes["new"],
+                     "previous_s_per_pass": passes["old"],
+                     "fraction_of_copy_bandwidth": fused_bytes / passes["new"] / pass_bandwidth,
+                     "previous_fraction_of_copy_bandwidth": fused_bytes / passes["old"] / pass_bandwidth,
+                     "max_abs_lse_difference": pass_diff, "results": pass_rows_out},
             "s_per_iter": {"jaxjoint": fused, "dense": dense, "dense_log": dense_log},
             "speedup_vs_dense": dense / fused,
             "speedup_vs_dense_log": dense_log / fused,

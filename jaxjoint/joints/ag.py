@@ -164,6 +164,30 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     return lax.cond(trusted, lambda: (row_lse, col_lse), redo)
 
 
+def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_pb):
+    """One AG pass on ``mesh`` as the loop runs it (``iteration_sums``, with its
+    log-space fall-back): (row logsumexps float32[Vp], column logsumexps float32[V]).
+
+    table: ``invariant_table``'s pieces over the mesh: E float32[Vp, V] and valid
+    bool[Vp] row-sharded, s_max float32[devices] (each device's own scale, one a
+    device, sharded); fa, fb, norm_a, norm_b as for ``solve`` (the fall-back reads
+    them); log_pa float32[Vp] row-sharded, log_pb float32[V]. For measuring a pass
+    (``plan``, ``benchmarks/ag_iteration.py``); ``solve`` builds the table itself.
+    """
+    pass_rows = pass_block_rows(mesh, fa.shape[1])
+    cell = block_cell("ag")
+
+    def local(e, s_max, valid, fa, fb, norm_b, log_pa, norm_a, log_pb):
+        def exact():
+            return local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
+
+        return iteration_sums((e, s_max[0], valid), log_pa, log_pb, exact, pass_rows)
+
+    specs = (ROWS,) * 7 + (REPLICATED, REPLICATED)
+    e, s_max, valid = table
+    return shard(mesh, local, specs, (ROWS, REPLICATED))(e, s_max, valid, fa, fb, norm_b, log_pa, norm_a, log_pb)
+
+
 def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, accelerated: bool = False):
     """Arnold-Gokhale from the uniform joint: at most ``max_steps`` passes over the
     table, until the estimated L1 distance of the reported marginals from the fixed

@@ -62,6 +62,11 @@ def assemble_cost(mesh: Mesh, vocab: int) -> ProgramCost:
     return cached(("assemble", _mesh_key(mesh), vocab), lambda: (programs.assemble_program(mesh, vocab),))[0]
 
 
+def ag_pass_cost(mesh: Mesh, vocab: int) -> ProgramCost:
+    """One compiled AG pass (``compile.ag_pass_program``; cached per device kind, mesh size and V)."""
+    return cached(("ag pass", _mesh_key(mesh), vocab), lambda: (programs.ag_pass_program(mesh, vocab),))[0]
+
+
 def run_chunk(mesh: Mesh, config: PlannedModel, length: int, dtype: str, *, usable_bytes: int, prefetch: int,
               max_chunk: int = MAX_CHUNK, matmul_precision: str = "float32") -> ChunkChoice | None:
     """The chunk a run takes on ``mesh`` for sentences padded to ``length``: the
