@@ -165,7 +165,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     report = make_plan(options.target, model_source(config.model), lengths=options.length, dtype=config.dtype,
                        matmul_precision=config.matmul_precision,
                        methods=config.methods, ag_options=config.ag_options(), prefetch=options.prefetch,
-                       max_chunk=options.max_chunk, suggest=not options.no_suggest)
+                       max_chunk=options.max_chunk, suggest=not options.no_suggest, ag_passes=options.ag_passes)
     print(format_plan(report))
     if options.json:
         try:

@@ -37,7 +37,7 @@ from jaxjoint.errors import UserError
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, AG_SOLVERS, ALL_METHODS, CONVERGED_TOL, METHODS
 from jaxjoint.models.mlm import DTYPES
 from jaxjoint.models.precision import MODES as MATMUL_PRECISIONS
-from jaxjoint.plan.planner import DEFAULT_LENGTHS
+from jaxjoint.plan.planner import AG_CONVERGED_PASSES, DEFAULT_LENGTHS
 from jaxjoint.tables import MAX_CHUNK, PREFETCH
 
 DEFAULT_MODEL = default.NAME
@@ -155,6 +155,10 @@ class PlanOptions:
                             commands=("plan",))
     no_suggest: bool = option(False, "when it does not fit, do not compile alternatives to name one that does",
                               kind="switch", commands=("plan",))
+    ag_passes: int | None = option(None, "passes over the table to price AG to a tolerance at (ag with ag_tol, "
+                                   f"ag_converged); default {AG_CONVERGED_PASSES}, the accelerated solver's measured "
+                                   "median to 1e-6 on the embedded model; ag's fixed count is priced at ag_iters", kind="int",
+                                   minimum=1, metavar="N", commands=("plan",))
     json: str | None = option(None, "also write the report as JSON to FILE", kind="path", metavar="FILE",
                               commands=("plan",))
 

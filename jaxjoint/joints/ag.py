@@ -37,9 +37,10 @@ MEMORY = 8  # Anderson's secants (DESIGN.md §1: measured against 3 and 5)
 RESTART = 10.0  # residual growth over the smallest seen that discards the memory
 _RIDGE = 1e-6
 _CLEAN_SECANT = 2.0**-17  # ~32 x float32's rounding of a residual's L1 norm
-# CPU: cells per block of a pass (benchmarks/ag_iteration.py: 2^19 and 2^20 measured
-# alike, 2^18 and below slower; the block's cells stay in cache for the column product)
-PASS_BLOCK_CELLS = 1 << 19
+# CPU: cells per block of a pass, a block's cells (4 MiB) staying in cache between its
+# two sums (V = 4096, loaded 2-core VM: blocks of 2^19 to 2^21 cells alike, 2^22 and
+# the previous 2^18 with XLA's column reduction slower)
+PASS_BLOCK_CELLS = 1 << 20
 
 
 def schedule(iters: int | None = None, tol: float | None = None, max_iters: int | None = None,
@@ -164,9 +165,11 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     return lax.cond(trusted, lambda: (row_lse, col_lse), redo)
 
 
-def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_pb):
+def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_pb, *, fallback: bool = True):
     """One AG pass on ``mesh`` as the loop runs it (``iteration_sums``, with its
     log-space fall-back): (row logsumexps float32[Vp], column logsumexps float32[V]).
+    Without ``fallback`` the log-space recomputation is NaN: the probability-space
+    pass alone, the one that runs unless float32 underflow reaches its sums.
 
     table: ``invariant_table``'s pieces over the mesh: E float32[Vp, V] and valid
     bool[Vp] row-sharded, s_max float32[devices] (each device's own scale, one a
@@ -179,6 +182,8 @@ def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_p
 
     def local(e, s_max, valid, fa, fb, norm_b, log_pa, norm_a, log_pb):
         def exact():
+            if not fallback:
+                return jnp.full_like(log_pa, jnp.nan), jnp.full_like(log_pb, jnp.nan)
             return local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
 
         return iteration_sums((e, s_max[0], valid), log_pa, log_pb, exact, pass_rows)

@@ -272,10 +272,12 @@ def derive_program(mesh: Mesh, vocab: int, method: str, options: dict[str, Any])
 
 def ag_pass_program(mesh: Mesh, vocab: int) -> ProgramCost:
     """One pass of AG's loop (``ag.one_pass``: the row and column sums of the AG map
-    on the loop-invariant table, with its log-space fall-back), the table an input.
-    Its ``bytes_accessed`` is what a pass moves per device, set against one read of
-    the local table (4 x local rows x V). XLA counts a conditional at its costliest
-    branch and a loop body once: the fall-back's row blocks count as one block."""
+    on the loop-invariant table), the table an input, without the log-space
+    fall-back: the pass that runs unless float32 underflow reaches its sums (which
+    redoes it from the two logit tables, two reads more). Its ``bytes_accessed`` is
+    what a pass moves per device, set against one read of the local table
+    (4 x local rows x V). (XLA counts a conditional at its costliest branch and a
+    loop body once: with the fall-back compiled in, one block of it would count.)"""
     tables = abstract_tables(mesh, vocab)
     shard, rep = row_sharding(mesh), replicated(mesh)
     rows = tables.logits_a.shape[0]
@@ -285,7 +287,7 @@ def ag_pass_program(mesh: Mesh, vocab: int) -> ProgramCost:
     norms = jax.eval_shape(normalisers, tables)
     norm_a, norm_b = _placed(norms[0], rep), _placed(norms[1], shard)
     log_pa, log_pb = _abstract((rows,), jnp.float32, shard), _abstract((vocab,), jnp.float32, rep)
-    run = jax.jit(functools.partial(ag.one_pass, mesh, block_rows))
+    run = jax.jit(functools.partial(ag.one_pass, mesh, block_rows, fallback=False))
     return analyse("ag pass", lambda: run.lower(table, tables.logits_a, tables.logits_b, norm_a, norm_b,
                                                  log_pa, log_pb))
 

@@ -29,9 +29,25 @@ from jaxjoint.tables import CHUNK_STEP, MAX_CHUNK, PREFETCH, bucket_length, chun
 DEFAULT_LENGTHS = (32,)
 
 
-def _ag_iterations(ag: dict[str, Any]) -> int:
-    """The AG iterations a plan assumes: the fixed count, or the cap under a tolerance."""
-    return ag.get("iters") or (ag.get("max_iters", AG_MAX_ITERS) if "tol" in ag else AG_ITERS)
+# AG to a tolerance: the passes a plan assumes per pair unless told (--ag-passes). The
+# accelerated solver's median to tol 1e-6 on the embedded model's first 12 pairs was
+# 503 (benchmarks/RESULTS.md, 2026-12-07); the lead's sweep will replace this number.
+AG_CONVERGED_PASSES = 500
+
+
+def _ag_iterations(ag: dict[str, Any], assumed: int | None = None) -> int:
+    """The AG passes a plan prices ``ag`` at: its fixed count, or under a tolerance
+    ``assumed`` (``--ag-passes``; default ``AG_CONVERGED_PASSES``), never more than the cap."""
+    if "tol" not in ag:
+        return ag.get("iters") or AG_ITERS
+    return min(assumed or AG_CONVERGED_PASSES, ag.get("max_iters") or AG_MAX_ITERS)
+
+
+def _ag_converged_passes(ag: dict[str, Any], methods: tuple[str, ...], assumed: int | None) -> int | None:
+    """The passes ``ag_converged`` is priced at (None when it is not run)."""
+    if "ag_converged" not in methods:
+        return None
+    return _ag_iterations({"tol": None, **ag.get("ag_converged", {})}, assumed)
 
 
 def make_plan(
@@ -46,6 +62,7 @@ def make_plan(
     prefetch: int = PREFETCH,
     max_chunk: int = MAX_CHUNK,
     suggest: bool = True,
+    ag_passes: int | None = None,
 ) -> PlanReport:
     """Compile, without the hardware, the programs a run executes and report per
     device whether a pair fits, with which chunk, and how long it should take.
@@ -71,6 +88,9 @@ def make_plan(
     max_chunk: the largest chunk to consider.
     suggest: when it does not fit, compile alternatives (bfloat16, more devices)
       to name one that fits in ``reason``.
+    ag_passes: the passes over the table a pair's AG to a tolerance takes
+      (``ag`` with ``tol``, ``ag_converged``); default ``AG_CONVERGED_PASSES``. AG is
+      priced at these passes x the bytes of one compiled pass / HBM bandwidth.
 
     Raises ``UserError`` for an unknown target, model, dtype or method.
     """
@@ -91,8 +111,12 @@ def make_plan(
         raise UserError(f"prefetch must be >= 0, got {prefetch}")
     if not lengths:
         raise UserError("give at least one sentence length")
+    if ag_passes is not None and ag_passes < 1:
+        raise UserError(f"ag_passes must be >= 1, got {ag_passes}")
     resolved = target if isinstance(target, Target) else resolve_target(target)
     ag = dict(ag_options or {})
+    if ag_passes is not None:
+        ag["passes"] = ag_passes  # carried to every bucket's pricing (not a derive_joint option)
     start = time.perf_counter()
     buckets = tuple(_plan_bucket(resolved, config, length, dtype, matmul_precision, methods, ag, prefetch, max_chunk)
                     for length in lengths)
@@ -101,7 +125,8 @@ def make_plan(
         usable_bytes_per_device=resolved.usable_bytes_per_device, memory_note=resolved.memory_note,
         model=name, vocab_size=config.vocab_size, dtype=dtype, matmul_precision=matmul_precision,
         arithmetic=priced_arithmetic(resolved.chip.platform, dtype, matmul_precision), methods=methods,
-        ag_iterations=_ag_iterations(ag),
+        ag_iterations=_ag_iterations(ag, ag.get("passes")),
+        ag_converged_passes=_ag_converged_passes(ag, methods, ag.get("passes")),
         prefetch=prefetch, params_bytes=params_bytes(config), buckets=buckets, reason=None,
         versions=compiler_versions(), compile_seconds=0.0, own_model=isinstance(config, OwnModel))
     reason = None
@@ -131,7 +156,7 @@ def _plan_bucket(target: Target, config: PlannedModel, length: int, dtype: str, 
     n = mesh_size(mesh)
     bucket = bucket_length(length, config.max_positions)
     converged = ag.get("ag_converged", {})  # EvalConfig.ag_options() carries ag_converged's inside
-    options = {"ag": {k: v for k, v in ag.items() if k != "ag_converged"}, "ag_converged": converged}
+    options = {"ag": {k: v for k, v in ag.items() if k not in ("ag_converged", "passes")}, "ag_converged": converged}
     both, assemble, joints, metrics, unary = fit.other_programs(mesh, config, bucket, dtype, methods, options,
                                                                 matmul_precision=matmul_precision)
     tables_cost = functools.partial(fit.tables_cost, mesh, config, bucket, dtype, matmul_precision=matmul_precision)
@@ -178,10 +203,16 @@ def _plan_bucket(target: Target, config: PlannedModel, length: int, dtype: str, 
     xla_seconds = None
     if tables.optimal_seconds and both.optimal_seconds:
         xla_seconds = 2 * n_chunks * tables.optimal_seconds + both.optimal_seconds
+    ag_runs = [m for m in methods if m in ("ag", "ag_converged")]
+    ag_pass = fit.ag_pass_cost(mesh, config.vocab_size) if ag_runs else None
+    ag_pass_bytes = None if ag_pass is None or ag_pass.refused else ag_pass.bytes_accessed
+    ag_passes = (_ag_iterations(ag, ag.get("passes")) if "ag" in methods else 0) + (
+        _ag_converged_passes(ag, methods, ag.get("passes")) or 0)
     estimate = None if executed_per_device is None else roofline(
         target.chip, priced_arithmetic(target.chip.platform, dtype, matmul_precision),
         executed_flops_per_device=executed_per_device, tables_bytes_per_device=tables_bytes,
-        table_bytes=table_bytes, passes=table_passes(methods, _ag_iterations(ag)), xla_tables_seconds=xla_seconds)
+        table_bytes=table_bytes, passes=table_passes(methods, 0), xla_tables_seconds=xla_seconds,
+        ag_passes=ag_passes, ag_pass_bytes=ag_pass_bytes)
     programs: list[ProgramCost] = [tables, both, assemble, *joints.values(), *metrics.values(), unary]
     return BucketPlan(
         length=length, bucket=bucket, fits=fits, chunk_size=choice.chunk_size if choice else None,
@@ -190,7 +221,7 @@ def _plan_bucket(target: Target, config: PlannedModel, length: int, dtype: str, 
         refused_programs=tuple(p.program for p in phases if p.refused),
         flops_per_pair=counted, xla_flops_per_pair=xla,
         executed_flops_per_pair=None if executed_per_device is None else n * executed_per_device,
-        ag_bytes_per_iteration=table_bytes if "ag" in methods else None, estimate=estimate,
+        ag_bytes_per_iteration=table_bytes if ag_runs else None, ag_pass_bytes=ag_pass_bytes, estimate=estimate,
         programs=tuple(programs), next_chunk_up=choice.next_up if choice else None,
         fits_without_prefetch=fits_without,
         flops_counted_by="XLA" if isinstance(config, OwnModel) else "jaxjoint.flops")

@@ -43,21 +43,22 @@ def priced_arithmetic(platform: str, dtype: str, matmul_precision: str) -> str:
     return ARITHMETIC[platform, matmul_precision]
 
 
-def table_passes(methods: tuple[str, ...], ag_iterations: int) -> float:
+def table_passes(methods: tuple[str, ...], ag_iterations: int, ag_converged_iterations: int = 0) -> float:
     """Whole-table reads and writes per pair, in units of one V x V float32 table,
     for the assembly, joints and metrics of ``methods`` (the code's passes:
     jaxjoint.joints, jaxjoint.metrics).
 
     assembly: reads the two tables the forward passes wrote and writes the pair (4);
     every joint: its normalisers read both tables (2); mlm, mrf, mrf_logit, hcb: one logsumexp pass
-    over both (2), metrics' J: two passes over both (4); ag: qA + qB built once
-    (read 2, write 1), each iteration reads it once, J read both (2).
+    over both (2), metrics' J: two passes over both (4); ag and ag_converged: qA + qB built
+    once (read 2, write 1), each of their passes (``ag_iterations``, ``ag_converged_iterations``;
+    0 where a plan prices them apart, at a compiled pass's bytes) reads it once, J read both (2).
     """
     passes = 4.0
     for method in methods:
         passes += 2
-        if method == "ag":
-            passes += 3 + ag_iterations + 2
+        if method in ("ag", "ag_converged"):
+            passes += 3 + (ag_iterations if method == "ag" else ag_converged_iterations) + 2
         else:
             passes += 2 + 4
     return passes
@@ -80,15 +81,19 @@ class Estimate:
 
 
 def roofline(chip: Chip, arithmetic: str, *, executed_flops_per_device: float, tables_bytes_per_device: float,
-             table_bytes: int, passes: float, xla_tables_seconds: float | None) -> Estimate | None:
+             table_bytes: int, passes: float, xla_tables_seconds: float | None, ag_passes: float = 0.0,
+             ag_pass_bytes: float | None = None) -> Estimate | None:
     """The roofline estimate for one pair with the tables stage's products in
-    ``arithmetic`` (``priced_arithmetic``), or None without a published rate for it."""
+    ``arithmetic`` (``priced_arithmetic``), or None without a published rate for it.
+    ``passes`` whole-table passes at ``table_bytes`` each, plus ``ag_passes`` AG passes
+    at ``ag_pass_bytes`` each (a compiled pass's bytes; None: the ideal, ``table_bytes``)."""
     peak = chip.peak_flop_per_s.get(arithmetic)
     bandwidth = chip.hbm_bandwidth_bytes_per_s
     if not peak or not bandwidth:
         return None
     tables = max(executed_flops_per_device / peak, tables_bytes_per_device / bandwidth)
-    return Estimate(tables, passes * table_bytes / bandwidth, xla_tables_seconds, arithmetic, peak)
+    moved = passes * table_bytes + ag_passes * (table_bytes if ag_pass_bytes is None else ag_pass_bytes)
+    return Estimate(tables, moved / bandwidth, xla_tables_seconds, arithmetic, peak)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +123,8 @@ class BucketPlan:
     # Who counted flops_per_pair: "jaxjoint.flops" (the formula of a checkpoint's
     # family) or "XLA" (your own model: its compiled programs' cost analysis).
     flops_counted_by: str = "jaxjoint.flops"
+    # One compiled AG pass (compile.ag_pass_program): XLA's count of its bytes per device
+    ag_pass_bytes: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +153,7 @@ class PlanReport:
     # Your own model (an MLMProtocol): its products are its function's, and
     # matmul_precision only prices them.
     own_model: bool = False
+    ag_converged_passes: int | None = None  # the passes ag_converged is priced at (None: not run)
 
     @property
     def fits(self) -> bool:
@@ -173,6 +181,7 @@ class PlanReport:
             "priced_flop_per_s": self.chip.peak_flop_per_s.get(self.arithmetic),
             "methods": list(self.methods),
             "ag_iterations": self.ag_iterations,
+            "ag_converged_passes": self.ag_converged_passes,
             "prefetch": self.prefetch,
             "fits": self.fits,
             "reason": self.reason,
@@ -220,6 +229,7 @@ def _bucket_json(b: BucketPlan) -> dict[str, Any]:
         "xla_flops_per_pair": b.xla_flops_per_pair,
         "executed_flops_per_pair": b.executed_flops_per_pair,
         "ag_bytes_per_iteration_ideal": b.ag_bytes_per_iteration,
+        "ag_pass_bytes_compiled": b.ag_pass_bytes,
         "estimated_seconds_per_pair": None if est is None else est.seconds_per_pair,
         "estimated_tables_seconds": None if est is None else est.tables_seconds,
         "priced_arithmetic": None if est is None else est.arithmetic,
@@ -254,7 +264,7 @@ def format_plan(report: PlanReport) -> str:
     lines = [
         f"plan: {report.model} (V = {report.vocab_size:,}) on {report.target}: {report.devices} x {chip.name}"
         f"{f' over {report.hosts} hosts' if report.hosts > 1 else ''}, {report.dtype}, "
-        f"methods {','.join(report.methods)}, AG {report.ag_iterations} iterations, prefetch {report.prefetch}",
+        f"methods {','.join(report.methods)}, {_ag_passes_text(report)}, prefetch {report.prefetch}",
         (f"products: as your model's function asks; priced as matmul precision {report.matmul_precision}, "
          f"{report.arithmetic} ({ARITHMETIC_NAMES[report.arithmetic]}), {priced}" if report.own_model else
          f"products: matmul precision {report.matmul_precision} compiles to {report.arithmetic} "
@@ -294,10 +304,23 @@ def format_plan(report: PlanReport) -> str:
             f"estimated per pair at bucket {worst.bucket}: tables stage {_duration(est.tables_seconds)}, joints and "
             f"metrics {_duration(est.joints_seconds)}; 1000 pairs {_duration(est.seconds_per_pair * 1000)}{xla}")
     if worst.ag_bytes_per_iteration:
-        lines.append(f"AG iteration: {_gib(worst.ag_bytes_per_iteration)} per device at the ideal (the local "
-                     f"qA + qB table read once)")
+        compiled = "" if worst.ag_pass_bytes is None else (
+            f", {_gib(worst.ag_pass_bytes)} compiled ({worst.ag_pass_bytes / worst.ag_bytes_per_iteration:.2f}x; "
+            "XLA's count of one pass, its costliest branch; the estimate prices AG passes at this)")
+        lines.append(f"AG pass: {_gib(worst.ag_bytes_per_iteration)} per device at the ideal (the local "
+                     f"qA + qB table read once){compiled}")
     lines.append("fits" if report.fits else f"does not fit: {report.reason}")
     return "\n".join(lines)
+
+
+def _ag_passes_text(report: PlanReport) -> str:
+    """``AG 40 passes`` / ``AG 40 passes, AG (converged) 500 passes (assumed)``: what AG is priced at."""
+    parts = []
+    if "ag" in report.methods or report.ag_converged_passes is None:
+        parts.append(f"AG {report.ag_iterations} passes")
+    if report.ag_converged_passes is not None:
+        parts.append(f"AG (converged) {report.ag_converged_passes} passes (assumed: --ag-passes)")
+    return ", ".join(parts)
 
 
 def write_json(report: PlanReport, path: str) -> None:
