@@ -5,10 +5,11 @@
 One pass (``ag.iteration_sums``: the row and column sums of one AG map, on the
 loop-invariant table, at fixed marginals) is timed alone, beside the previous
 pass (kept here as ``previous_pass``: a row-scaled table whose column sums weight
-every cell, XLA's column reduction, blocks of 2^18 cells) and a large array copy,
-interleaved round by round with the same warm-up and repeats, so that both passes
-and the copy see the same load. Its bytes are one read of the float32 table,
-4 V^2. jaxjoint's iteration (``derive_joint(..., "ag")``) reads one V x V table,
+every cell, XLA's column reduction, blocks of 2^18 cells), a large array copy and
+(CPU) the pass's arithmetic on one cache-resident block (``cached_block_pass``: what
+a pass costs when reading the table is free), interleaved round by round with the
+same warm-up and repeats, so that all of them see the same load. Its bytes are one
+read of the float32 table, 4 V^2. jaxjoint's iteration (``derive_joint(..., "ag")``) reads one V x V table,
 qA + qB (row-scaled), built once per pair from the two conditional tables, and keeps only
 the two marginals; its time per iteration is the difference between runs of
 ``1 + n`` and ``1`` iterations divided by ``n`` (the set-up work common to both
@@ -103,6 +104,30 @@ def pass_programs(tables, block_rows: int):
             lambda lp_a, lp_b: run_old(old, lp_a, lp_b), pass_rows)
 
 
+def cached_block_pass(v: int, block_rows: int):
+    """The arithmetic of one pass without its memory traffic: ``ag.iteration_sums``'
+    block step (the cells, their row sums, their column sums as a product with ones)
+    applied to one block of ``block_rows`` x V cells held in cache, once for each block
+    of a V x V table. Its time is what a pass costs on this CPU when reading the table
+    is free. Returns a function of no arguments."""
+    n = max(1, v // block_rows)
+    e = jax.random.uniform(jax.random.PRNGKey(1), (block_rows, v), jnp.float32)
+    u = jnp.linspace(1.0, 2.0, block_rows, dtype=jnp.float32)
+    w = jnp.linspace(1.0, 3.0, v, dtype=jnp.float32)
+
+    @jax.jit
+    def run(e, u, w):
+        def body(i, carry):
+            col, row = carry
+            # i enters the cells so that XLA cannot hoist them out of the loop
+            x = e / (u[:, None] + (w + i.astype(jnp.float32) * 1e-30)[None, :])
+            ones = jnp.ones(block_rows, jnp.float32)
+            return col + jnp.dot(ones, x, precision=jax.lax.Precision.HIGHEST), row + x.sum(axis=1)
+        return jax.lax.fori_loop(0, n, body, (jnp.zeros(v), jnp.zeros(block_rows)))
+
+    return lambda: run(e, u, w)
+
+
 def interleaved(fns: dict, rounds: int, per_round: int = 3) -> dict:
     """Median seconds of each ``fns[k]()`` (after one warm-up call each), timed in
     ``rounds`` rounds of ``per_round`` calls each, the functions taking turns, so
@@ -195,8 +220,10 @@ def main() -> None:
         buffer[0] = scale(buffer[0])
         return buffer[0]
 
-    passes = interleaved({"new": lambda: new_pass(log_pa, log_pb), "old": lambda: old_pass(log_pa, log_pb),
-                          "copy": copy}, args.rounds)
+    fns = {"new": lambda: new_pass(log_pa, log_pb), "old": lambda: old_pass(log_pa, log_pb), "copy": copy}
+    if pass_rows is not None:
+        fns["cached"] = cached_block_pass(v, min(pass_rows, v))
+    passes = interleaved(fns, args.rounds)
     pass_bandwidth = 2 * copy_bytes / passes["copy"]
     pass_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                     for a, b in zip(new_pass(log_pa, log_pb), old_pass(log_pa, log_pb)))
@@ -237,7 +264,8 @@ def main() -> None:
     pass_rows_out = [
         {"pass": name, "ms": 1e3 * passes[key], "bytes": fused_bytes, "GB_per_s": fused_bytes / passes[key] / 1e9,
          "fraction_of_copy_bw": fused_bytes / passes[key] / pass_bandwidth}
-        for name, key in (("jaxjoint pass", "new"), ("previous pass", "old"))]
+        for name, key in (("jaxjoint pass", "new"), ("previous pass", "old"), ("its arithmetic, cache-resident", "cached"))
+        if key in passes]
     print(f"One pass, V = {v} (pass block {pass_rows} rows; previous: {block_rows}), copy bandwidth "
           f"{pass_bandwidth / 1e9:.4g} GB/s in the same rounds; max |lse difference| {pass_diff:.2g}")
     print_table(pass_rows_out, list(pass_rows_out[0]))
@@ -262,7 +290,7 @@ def main() -> None:
             "copy_bandwidth_bytes_per_s": bandwidth,
             "pass": {"block_rows": pass_rows, "previous_block_rows": block_rows, "rounds": args.rounds,
                      "copy_bandwidth_bytes_per_s": pass_bandwidth, "s_per_pass": passes["new"],
-                     "previous_s_per_pass": passes["old"],
+                     "previous_s_per_pass": passes["old"], "cache_resident_s_per_pass": passes.get("cached"),
                      "fraction_of_copy_bandwidth": fused_bytes / passes["new"] / pass_bandwidth,
                      "previous_fraction_of_copy_bandwidth": fused_bytes / passes["old"] / pass_bandwidth,
                      "max_abs_lse_difference": pass_diff, "results": pass_rows_out},
