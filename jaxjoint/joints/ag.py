@@ -38,8 +38,7 @@ RESTART = 10.0  # residual growth over the smallest seen that discards the memor
 _RIDGE = 1e-6
 _CLEAN_SECANT = 2.0**-17  # ~32 x float32's rounding of a residual's L1 norm
 # CPU: cells per block of a pass, a block's cells (4 MiB) staying in cache between its
-# two sums (V = 4096, loaded 2-core VM: blocks of 2^19 to 2^21 cells alike, 2^22 and
-# the previous 2^18 with XLA's column reduction slower)
+# two sums (tried at V = 4096 on the 2-core VM: 2^19 to 2^21 alike; benchmarks/RESULTS.md)
 PASS_BLOCK_CELLS = 1 << 20
 
 
@@ -118,8 +117,8 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     ``p~ = E[a, b] / (u[a] + w[b]) x e^(s_max + c)``, every term of the sums at
     most 1: a division per cell, no transcendental, and both sums sum the same
     cells. By blocks (CPU) a block's cells are computed once, summed along rows by a
-    reduction and along columns by a product with ones (XLA:CPU's column reduction
-    is several times slower than its matrix-vector product); whole (GPU, TPU) XLA
+    reduction and along columns by a product with ones (faster than XLA:CPU's column
+    reduction); whole (GPU, TPU) XLA
     fuses the division into the two reductions and reads E once (TPU: one fusion).
     A term that underflows there is below float32's smallest normal; when a row sum,
     or a column's total over all devices, is not 2^24 times the most such terms can
