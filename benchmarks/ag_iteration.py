@@ -35,8 +35,16 @@ import numpy as np
 from benchmarks.common import machine, measured_bandwidth, print_table, write_json
 from jaxjoint.joints import ag, derive_joint, resolve_mesh
 from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
-from jaxjoint.joints.streaming import (REPLICATED, ROWS, default_block_rows, fold_rows, local_row_col_lse,
-                                       logsumexp_across_devices, normalisers, shard)
+from jaxjoint.joints.streaming import (
+    REPLICATED,
+    ROWS,
+    default_block_rows,
+    fold_rows,
+    local_row_col_lse,
+    logsumexp_across_devices,
+    normalisers,
+    shard,
+)
 from jaxjoint.sharding import VOCAB_AXIS
 from jaxjoint.tables import tables_from_logits
 
@@ -191,6 +199,33 @@ def per_iteration(run, extra: int, repeats: int) -> float:
     return statistics.median(samples)
 
 
+def time_one_pass(tables, block_rows: int, rounds: int) -> tuple[dict, float, float, int | None]:
+    """(median seconds of the pass, the previous pass, the copy and, on CPU, the
+    pass's cache-resident arithmetic; the copy's bytes/s; the largest |difference|
+    between the two passes' logsumexps; the pass's block rows). The tables built
+    here are freed on return, before the dense baselines."""
+    v = tables.vocab_size
+    new_pass, old_pass, pass_rows = pass_programs(tables, block_rows)
+    rng = np.random.default_rng(0)  # marginals of a mid-run iterate: random, within float32's easy range
+    log_pa = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
+    log_pb = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
+    copy_bytes = 1 << 28
+    scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
+    buffer = [scale(jnp.ones(copy_bytes // 4, jnp.float32))]
+
+    def copy():
+        buffer[0] = scale(buffer[0])
+        return buffer[0]
+
+    fns = {"new": lambda: new_pass(log_pa, log_pb), "old": lambda: old_pass(log_pa, log_pb), "copy": copy}
+    if pass_rows is not None:
+        fns["cached"] = cached_block_pass(v, min(pass_rows, v))
+    passes = interleaved(fns, rounds)
+    diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+               for a, b in zip(new_pass(log_pa, log_pb), old_pass(log_pa, log_pb)))
+    return passes, 2 * copy_bytes / passes["copy"], diff, pass_rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--vocab", type=int, default=4096, help="V")
@@ -208,26 +243,7 @@ def main() -> None:
     tables = tables_from_logits(logits_a, logits_b, jnp.zeros(v), jnp.zeros(v))
     block_rows = args.block_rows or default_block_rows(tables, None)
 
-    new_pass, old_pass, pass_rows = pass_programs(tables, block_rows)
-    rng = np.random.default_rng(0)  # marginals of a mid-run iterate: random, within float32's easy range
-    log_pa = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
-    log_pb = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
-    copy_bytes = 1 << 28
-    scale = jax.jit(lambda x: x * 1.0001, donate_argnums=0)
-    buffer = [scale(jnp.ones(copy_bytes // 4, jnp.float32))]
-
-    def copy():
-        buffer[0] = scale(buffer[0])
-        return buffer[0]
-
-    fns = {"new": lambda: new_pass(log_pa, log_pb), "old": lambda: old_pass(log_pa, log_pb), "copy": copy}
-    if pass_rows is not None:
-        fns["cached"] = cached_block_pass(v, min(pass_rows, v))
-    passes = interleaved(fns, args.rounds)
-    pass_bandwidth = 2 * copy_bytes / passes["copy"]
-    pass_diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-                    for a, b in zip(new_pass(log_pa, log_pb), old_pass(log_pa, log_pb)))
-    del new_pass, old_pass, buffer  # their tables: free before the dense baselines
+    passes, pass_bandwidth, pass_diff, pass_rows = time_one_pass(tables, block_rows, args.rounds)
 
     bandwidth = measured_bandwidth()
     fused = per_iteration(
@@ -264,8 +280,8 @@ def main() -> None:
     pass_rows_out = [
         {"pass": name, "ms": 1e3 * passes[key], "bytes": fused_bytes, "GB_per_s": fused_bytes / passes[key] / 1e9,
          "fraction_of_copy_bw": fused_bytes / passes[key] / pass_bandwidth}
-        for name, key in (("jaxjoint pass", "new"), ("previous pass", "old"), ("its arithmetic, cache-resident", "cached"))
-        if key in passes]
+        for name, key in (("jaxjoint pass", "new"), ("previous pass", "old"),
+                          ("its arithmetic, cache-resident", "cached")) if key in passes]
     print(f"One pass, V = {v} (pass block {pass_rows} rows; previous: {block_rows}), copy bandwidth "
           f"{pass_bandwidth / 1e9:.4g} GB/s in the same rounds; max |lse difference| {pass_diff:.2g}")
     print_table(pass_rows_out, list(pass_rows_out[0]))

@@ -157,8 +157,8 @@ class PlanOptions:
                               kind="switch", commands=("plan",))
     ag_passes: int | None = option(None, "passes over the table to price AG to a tolerance at (ag with ag_tol, "
                                    f"ag_converged); default {AG_CONVERGED_PASSES}, the accelerated solver's measured "
-                                   "median to 1e-6 on the embedded model; ag's fixed count is priced at ag_iters", kind="int",
-                                   minimum=1, metavar="N", commands=("plan",))
+                                   "median to 1e-6 on the embedded model; ag's fixed count is priced at ag_iters",
+                                   kind="int", minimum=1, metavar="N", commands=("plan",))
     json: str | None = option(None, "also write the report as JSON to FILE", kind="path", metavar="FILE",
                               commands=("plan",))
 

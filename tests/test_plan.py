@@ -26,9 +26,9 @@ from jaxjoint.models.config import EncoderConfig
 from jaxjoint.models.precision import ARITHMETIC, MODES
 from jaxjoint.plan import cache, fit, format_plan, largest_fitting_chunk, make_plan, planning_config, resolve_target
 from jaxjoint.plan.compile import ag_pass_program, hlo_cost_analysis, local_rows, xla_cost
-from jaxjoint.plan.planner import AG_CONVERGED_PASSES, _ag_converged_passes, _ag_iterations
 from jaxjoint.plan.hardware import chips
 from jaxjoint.plan.models import own_model
+from jaxjoint.plan.planner import AG_CONVERGED_PASSES, _ag_converged_passes, _ag_iterations
 from jaxjoint.plan.report import priced_arithmetic, roofline, table_passes
 from jaxjoint.sharding import make_mesh
 from jaxjoint.tables import chunking

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxjoint.errors import UserError
-from jaxjoint.models.precision import platform_of
 from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
 from jaxjoint.joints.streaming import (
     REPLICATED,
@@ -28,6 +27,7 @@ from jaxjoint.joints.streaming import (
     logsumexp_across_devices,
     shard,
 )
+from jaxjoint.models.precision import platform_of
 from jaxjoint.sharding import VOCAB_AXIS
 
 ITERS = 40  # the paper's fixed iteration count
