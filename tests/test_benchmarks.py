@@ -132,6 +132,17 @@ def test_ag_iteration_benchmark_runs_on_tiny_tables(tmp_path):
 
 
 @pytest.mark.slow
+def test_ag_pass_bytes_benchmark_compiles_a_tiny_pass(tmp_path):
+    out = tmp_path / "bytes.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ag_pass_bytes", "--targets", "v5e:2x2", "--vocab", "512",
+                          "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["results"]
+    assert row["target"] == "v5e:2x2" and row["devices"] == 4 and row["one_read_bytes"] == 4 * 128 * 512
+    assert row["ratio"] >= 1
+
+
+@pytest.mark.slow
 def test_tables_throughput_benchmark_runs_on_tiny_shapes(tmp_path):
     out = tmp_path / "tables.json"
     run = subprocess.run([sys.executable, "-m", "benchmarks.tables_throughput", "--shape", "default", "--length",
