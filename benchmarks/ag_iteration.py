@@ -89,8 +89,8 @@ def pass_programs(tables, block_rows: int):
     specs = (ROWS, ROWS, ROWS, REPLICATED)
 
     def new_table(fa, fb, norm_b, norm_a):
-        e, s_max, valid = ag.invariant_table(fa, fb, norm_a, norm_b)
-        return e, s_max[None], valid  # the scale is per device: [1] each
+        e, s_max, s = ag.invariant_table(fa, fb, norm_a, norm_b)
+        return e, s_max[None], s  # the scale is per device: [1] each
 
     def old_table(fa, fb, norm_b, norm_a):
         return previous_table(fa, fb, norm_a, norm_b)
@@ -101,8 +101,8 @@ def pass_programs(tables, block_rows: int):
     def one_pass(table, fa, fb, norm_b, log_pa, norm_a, log_pb):
         def exact():
             return local_row_col_lse(block_cell("ag"), (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
-        e, s_max, valid = table
-        return ag.iteration_sums((e, s_max[0], valid), log_pa, log_pb, exact, pass_rows)
+        e, s_max, s = table
+        return ag.iteration_sums((e, s_max[0], s), log_pa, log_pb, exact, pass_rows)
 
     run_new = jax.jit(shard(mesh, one_pass, ((ROWS, ROWS, ROWS),) + specs[:3] + (ROWS, REPLICATED, REPLICATED),
                             (ROWS, REPLICATED)))

@@ -80,18 +80,20 @@ def invariant_table(fa, fb, norm_a, norm_b):
     """AG's loop-invariant part, once per pair: ``qA(a|b) + qB(b|a) = E[a, b] e^s_max``.
 
     fa, fb: local rows of the logit tables float32[n, V]; norm_a of float32[V],
-    norm_b of float32[n]. Returns (E float32[n, V], s_max float32[], valid bool[n]):
+    norm_b of float32[n]. Returns (E float32[n, V], s_max float32[], s float32[n]):
     one scale for the whole local table (its largest cell is 1), so that the row and
-    the column sums of a pass are sums of the same cells; valid is False on padding
-    rows (all 0). Nothing of a real row is lost to the common scale beyond a factor
-    2V: a row's largest cell is at least max_b qB(b|a) >= 1/V, and s_max <= log 2.
+    the column sums of a pass are sums of the same cells; s[a] = log of row a's largest
+    cell of qA + qB (-inf on padding rows, whose E is 0), with which a pass takes the
+    log of a row sum near 1, not near s[a] - s_max (float32 rounds a log to its size).
+    Nothing of a real row is lost to the common scale beyond a factor 2V: a row's
+    largest cell is at least max_b qB(b|a) >= 1/V, and s_max <= log 2.
     """
     log_qa, log_qb = norm_a[None, :].log_q(fa), norm_b[:, None].log_q(fb)
     hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
     log_s = hi + jnp.log(1 + exp_gap(lo, hi))
-    valid = jnp.isfinite(log_s.max(axis=1))
-    s_max = neg_inf_to_zero(log_s.max())
-    return jnp.exp(log_s - s_max), s_max, valid
+    s = log_s.max(axis=1)
+    s_max = neg_inf_to_zero(s.max())
+    return jnp.exp(log_s - s_max), s_max, s
 
 
 def pass_block_rows(mesh, vocab: int) -> int | None:
@@ -108,7 +110,7 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     float32[n], column logsumexps over all devices float32[V]) of
     ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
 
-    table: ``invariant_table``'s (E float32[n, V], s_max, valid bool[n]); log_pa
+    table: ``invariant_table``'s (E float32[n, V], s_max, s float32[n]); log_pa
     float32[n], log_pb float32[V]. block_rows: rows per block (CPU), or None: the
     whole local table at once (GPU, TPU; ``pass_block_rows``).
 
@@ -127,7 +129,8 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     exps per cell). The decision is taken on all-reduced values, so it is the same
     on every device and does not depend on how the rows are split.
     """
-    e, s_max, valid = table
+    e, s_max, s = table
+    valid = jnp.isfinite(s)
     n, v = e.shape
     c = log_pb.max()
     w = jnp.exp(c - log_pb)
@@ -160,7 +163,8 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
         row_lse, col_lse = exact()
         return row_lse, logsumexp_across_devices(col_lse)
 
-    row_lse = jnp.where(valid, jnp.log(row_sum) + s_max + c, -jnp.inf)
+    # row a's sum in its own scale (near 1 for its largest cell) before the log
+    row_lse = jnp.log(row_sum * jnp.exp(s_max - neg_inf_to_zero(s))) + s + c
     return lax.cond(trusted, lambda: (row_lse, col_lse), redo)
 
 
@@ -170,8 +174,8 @@ def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_p
     Without ``fallback`` the log-space recomputation is NaN: the probability-space
     pass alone, the one that runs unless float32 underflow reaches its sums.
 
-    table: ``invariant_table``'s pieces over the mesh: E float32[Vp, V] and valid
-    bool[Vp] row-sharded, s_max float32[devices] (each device's own scale, one a
+    table: ``invariant_table``'s pieces over the mesh: E float32[Vp, V] and s
+    float32[Vp] row-sharded, s_max float32[devices] (each device's own scale, one a
     device, sharded); fa, fb, norm_a, norm_b as for ``solve`` (the fall-back reads
     them); log_pa float32[Vp] row-sharded, log_pb float32[V]. For measuring a pass
     (``plan``, ``benchmarks/ag_iteration.py``); ``solve`` builds the table itself.
@@ -179,17 +183,17 @@ def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_p
     pass_rows = pass_block_rows(mesh, fa.shape[1])
     cell = block_cell("ag")
 
-    def local(e, s_max, valid, fa, fb, norm_b, log_pa, norm_a, log_pb):
+    def local(e, s_max, s, fa, fb, norm_b, log_pa, norm_a, log_pb):
         def exact():
             if not fallback:
                 return jnp.full_like(log_pa, jnp.nan), jnp.full_like(log_pb, jnp.nan)
             return local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
 
-        return iteration_sums((e, s_max[0], valid), log_pa, log_pb, exact, pass_rows)
+        return iteration_sums((e, s_max[0], s), log_pa, log_pb, exact, pass_rows)
 
     specs = (ROWS,) * 7 + (REPLICATED, REPLICATED)
-    e, s_max, valid = table
-    return shard(mesh, local, specs, (ROWS, REPLICATED))(e, s_max, valid, fa, fb, norm_b, log_pa, norm_a, log_pb)
+    e, s_max, s = table
+    return shard(mesh, local, specs, (ROWS, REPLICATED))(e, s_max, s, fa, fb, norm_b, log_pa, norm_a, log_pb)
 
 
 def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, accelerated: bool = False):

@@ -282,7 +282,7 @@ def ag_pass_program(mesh: Mesh, vocab: int) -> ProgramCost:
     shard, rep = row_sharding(mesh), replicated(mesh)
     rows = tables.logits_a.shape[0]
     table = (tables.logits_a, _abstract((mesh_size(mesh),), jnp.float32, shard),
-             _abstract((rows,), jnp.bool_, shard))
+             _abstract((rows,), jnp.float32, shard))
     block_rows = default_block_rows(tables, mesh)
     norms = jax.eval_shape(normalisers, tables)
     norm_a, norm_b = _placed(norms[0], rep), _placed(norms[1], shard)
