@@ -37,8 +37,7 @@ MEMORY = 8  # Anderson's secants (DESIGN.md §1: measured against 3 and 5)
 RESTART = 10.0  # residual growth over the smallest seen that discards the memory
 _RIDGE = 1e-6
 _CLEAN_SECANT = 2.0**-17  # ~32 x float32's rounding of a residual's L1 norm
-# CPU: cells per block of a pass, a block's cells (4 MiB) staying in cache between its
-# two sums (tried at V = 4096 on the 2-core VM: 2^19 to 2^21 alike; benchmarks/RESULTS.md)
+# CPU: cells per block of a pass (4 MiB, in cache between a block's two sums)
 PASS_BLOCK_CELLS = 1 << 20
 
 
@@ -77,29 +76,24 @@ _TRUST = 2.0**24
 
 
 def invariant_table(fa, fb, norm_a, norm_b):
-    """AG's loop-invariant part, once per pair: ``qA(a|b) + qB(b|a) = E[a, b] e^s_max``.
+    """AG's loop-invariant part, once per pair: ``qA(a|b) + qB(b|a) = E[a, b] e^s[a]``.
 
     fa, fb: local rows of the logit tables float32[n, V]; norm_a of float32[V],
-    norm_b of float32[n]. Returns (E float32[n, V], s_max float32[], s float32[n]):
-    one scale for the whole local table (its largest cell is 1), so that the row and
-    the column sums of a pass are sums of the same cells; s[a] = log of row a's largest
-    cell of qA + qB (-inf on padding rows, whose E is 0), with which a pass takes the
-    log of a row sum near 1, not near s[a] - s_max (float32 rounds a log to its size).
-    Nothing of a real row is lost to the common scale beyond a factor 2V: a row's
-    largest cell is at least max_b qB(b|a) >= 1/V, and s_max <= log 2.
+    norm_b of float32[n]. Returns E float32[n, V] (each row scaled to a maximum of
+    1) and s float32[n] (-inf on padding rows, where E is 0).
     """
     log_qa, log_qb = norm_a[None, :].log_q(fa), norm_b[:, None].log_q(fb)
     hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
     log_s = hi + jnp.log(1 + exp_gap(lo, hi))
-    s = log_s.max(axis=1)
-    s_max = neg_inf_to_zero(s.max())
-    return jnp.exp(log_s - s_max), s_max, s
+    row_max = log_s.max(axis=1)
+    return jnp.exp(log_s - neg_inf_to_zero(row_max)[:, None]), row_max
 
 
 def pass_block_rows(mesh, vocab: int) -> int | None:
     """Rows per block of AG's pass on ``mesh``'s platform (``iteration_sums``): on CPU,
-    blocks of about ``PASS_BLOCK_CELLS`` cells (their cells stay in cache between the
-    two sums); on GPU and TPU, None: the whole local table in one fused pass."""
+    blocks of about ``PASS_BLOCK_CELLS`` cells; on GPU and TPU, None: the whole local
+    table in one fused pass (a loop of small blocks would be thousands of kernel
+    launches a pass at bert-base size)."""
     if platform_of(mesh.devices.flat[0]) != "cpu":
         return None
     return max(1, PASS_BLOCK_CELLS // vocab)
@@ -110,18 +104,20 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     float32[n], column logsumexps over all devices float32[V]) of
     ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
 
-    table: ``invariant_table``'s (E float32[n, V], s_max, s float32[n]); log_pa
-    float32[n], log_pb float32[V]. block_rows: rows per block (CPU), or None: the
-    whole local table at once (GPU, TPU; ``pass_block_rows``).
+    table: ``invariant_table``'s (E float32[n, V], s float32[n]); log_pa float32[n],
+    log_pb float32[V]. block_rows: rows per block (CPU), or None: the whole local
+    table at once (GPU, TPU; ``pass_block_rows``).
 
     In probability space, scaled so that nothing overflows: with c = max log pB,
     u = e^(c - log pA) >= 1/V and w = e^(c - log pB) >= 1,
-    ``p~ = E[a, b] / (u[a] + w[b]) x e^(s_max + c)``, every term of the sums at
-    most 1: a division per cell, no transcendental, and both sums sum the same
-    cells. By blocks (CPU) a block's cells are computed once, summed along rows by a
-    reduction and along columns by a product with ones (faster than XLA:CPU's column
-    reduction); whole (GPU, TPU) XLA
-    fuses the division into the two reductions and reads E once (TPU: one fusion).
+    ``p~ = E[a, b] / (u[a] + w[b]) x e^(s[a] + c)``, every term of the sums at
+    most 1: a division per cell, no transcendental. The column sums weight row a by
+    e^(s[a] - max s). By blocks (CPU), a block's cells are computed once and summed
+    along rows and (weighted) along columns by XLA's reductions. Whole (GPU, TPU), the
+    weight goes into every cell first, so that both sums sum the same cells: XLA then
+    fuses the cells into the two reductions and reads E once (TPU: one fusion; with
+    two different cells for the two sums a GPU would write them out), and a row's sum
+    is brought back to its own scale before its log.
     A term that underflows there is below float32's smallest normal; when a row sum,
     or a column's total over all devices, is not 2^24 times the most such terms can
     add up to (marginals or conditionals more than ~60 nats apart), every device
@@ -129,25 +125,30 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     exps per cell). The decision is taken on all-reduced values, so it is the same
     on every device and does not depend on how the rows are split.
     """
-    e, s_max, s = table
-    valid = jnp.isfinite(s)
-    n, v = e.shape
+    e, s = table
     c = log_pb.max()
     w = jnp.exp(c - log_pb)
+    valid = jnp.isfinite(s)
+    s_max = neg_inf_to_zero(jnp.where(valid, s, -jnp.inf).max())
+    weight = jnp.exp(s - s_max)  # per row, for the column sums; 0 on padding
     u = jnp.exp(c - log_pa)
     if block_rows is None:
-        x = e / (u[:, None] + w[None, :])
-        col_sum, row_sum = x.sum(axis=0), x.sum(axis=1)
+        x = e * (weight[:, None] / (u[:, None] + w[None, :]))
+        col_sum, scaled_row_sum = x.sum(axis=0), x.sum(axis=1)
+        # the row sums in their rows' own scales (each row's largest cell 1, as by blocks)
+        row_sum = scaled_row_sum * jnp.exp(s_max - neg_inf_to_zero(s))
     else:
         def step(col_sum, block):
-            e, u = block
+            e, u, weight = block
             x = e / (u[:, None] + w[None, :])
-            ones = jnp.ones(x.shape[0], x.dtype)
-            return col_sum + jnp.dot(ones, x, precision=lax.Precision.HIGHEST), x.sum(axis=1)
+            return col_sum + (x * weight[:, None]).sum(axis=0), x.sum(axis=1)
 
         init = lax.pcast(jnp.zeros(w.shape), VOCAB_AXIS, to="varying")
-        col_sum, row_sum = fold_rows(step, init, (e, u), block_rows)
-    rows_lost = ~jnp.all((row_sum >= _TRUST * v * _SMALLEST_NORMAL) | ~valid)
+        col_sum, row_sum = fold_rows(step, init, (e, u, weight), block_rows)
+        scaled_row_sum = row_sum
+    n, v = e.shape
+    # (in the scale of the summed cells, where each lost term is below the smallest normal)
+    rows_lost = ~jnp.all((scaled_row_sum >= _TRUST * v * _SMALLEST_NORMAL) | ~valid)
     # One all-reduce carries the columns, the bound on what they may have lost,
     # and (as log of a count) whether any device lost a row sum.
     local = jnp.concatenate([
@@ -163,9 +164,7 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
         row_lse, col_lse = exact()
         return row_lse, logsumexp_across_devices(col_lse)
 
-    # row a's sum in its own scale (near 1 for its largest cell) before the log
-    row_lse = jnp.log(row_sum * jnp.exp(s_max - neg_inf_to_zero(s))) + s + c
-    return lax.cond(trusted, lambda: (row_lse, col_lse), redo)
+    return lax.cond(trusted, lambda: (jnp.log(row_sum) + s + c, col_lse), redo)
 
 
 def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_pb, *, fallback: bool = True):
@@ -174,26 +173,25 @@ def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_p
     Without ``fallback`` the log-space recomputation is NaN: the probability-space
     pass alone, the one that runs unless float32 underflow reaches its sums.
 
-    table: ``invariant_table``'s pieces over the mesh: E float32[Vp, V] and s
-    float32[Vp] row-sharded, s_max float32[devices] (each device's own scale, one a
-    device, sharded); fa, fb, norm_a, norm_b as for ``solve`` (the fall-back reads
+    table: ``invariant_table``'s (E float32[Vp, V], s float32[Vp]), row-sharded; fa, fb,
+    norm_a, norm_b as for ``solve`` (the fall-back reads
     them); log_pa float32[Vp] row-sharded, log_pb float32[V]. For measuring a pass
     (``plan``, ``benchmarks/ag_iteration.py``); ``solve`` builds the table itself.
     """
     pass_rows = pass_block_rows(mesh, fa.shape[1])
     cell = block_cell("ag")
 
-    def local(e, s_max, s, fa, fb, norm_b, log_pa, norm_a, log_pb):
+    def local(e, s, fa, fb, norm_b, log_pa, norm_a, log_pb):
         def exact():
             if not fallback:
                 return jnp.full_like(log_pa, jnp.nan), jnp.full_like(log_pb, jnp.nan)
             return local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
 
-        return iteration_sums((e, s_max[0], s), log_pa, log_pb, exact, pass_rows)
+        return iteration_sums((e, s), log_pa, log_pb, exact, pass_rows)
 
-    specs = (ROWS,) * 7 + (REPLICATED, REPLICATED)
-    e, s_max, s = table
-    return shard(mesh, local, specs, (ROWS, REPLICATED))(e, s_max, s, fa, fb, norm_b, log_pa, norm_a, log_pb)
+    specs = (ROWS,) * 6 + (REPLICATED, REPLICATED)
+    e, s = table
+    return shard(mesh, local, specs, (ROWS, REPLICATED))(e, s, fa, fb, norm_b, log_pa, norm_a, log_pb)
 
 
 def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, accelerated: bool = False):

@@ -281,8 +281,7 @@ def ag_pass_program(mesh: Mesh, vocab: int) -> ProgramCost:
     tables = abstract_tables(mesh, vocab)
     shard, rep = row_sharding(mesh), replicated(mesh)
     rows = tables.logits_a.shape[0]
-    table = (tables.logits_a, _abstract((mesh_size(mesh),), jnp.float32, shard),
-             _abstract((rows,), jnp.float32, shard))
+    table = (tables.logits_a, _abstract((rows,), jnp.float32, shard))
     block_rows = default_block_rows(tables, mesh)
     norms = jax.eval_shape(normalisers, tables)
     norm_a, norm_b = _placed(norms[0], rep), _placed(norms[1], shard)
