@@ -2,6 +2,7 @@
 
     python -m benchmarks.buckets                       # embedded model, SNLI-like and XSUM-like mixes
     python -m benchmarks.buckets --sentences 24 --json benchmarks/results/cpu/buckets.json
+    python -m benchmarks.buckets --model DIR --sentences 3     # another checkpoint (the tests: a tiny one)
 
 Two length mixes: the embedded model's short held-out sentences (SNLI-like lengths)
 and its long ones (XSUM-summary-like), the first N of each with the random masking
@@ -65,9 +66,11 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=24, help="sentences per mix (default 24)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats of the tables stage")
     parser.add_argument("--json", default="benchmarks/results/buckets.json")
+    parser.add_argument("--model", default=str(DEFAULT_MODEL_DIR),
+                        help="checkpoint directory (default the embedded model)")
     args = parser.parse_args()
 
-    mlm = load_mlm(DEFAULT_MODEL_DIR)
+    mlm = load_mlm(args.model)
     rows = []
     for mix, data in MIXES.items():
         sentences = load_sentences(data, args.sentences)
@@ -82,8 +85,8 @@ def main() -> None:
                 seconds = [time_call(lambda p=p: tables.pair_tables(mlm, p.input_ids, p.a, p.b),
                                      repeats=args.repeats, warmup=0) for p in pairs]
                 with tempfile.TemporaryDirectory() as out:
-                    config = resolve_config({"data": data, "max_sentences": args.sentences, "out": out,
-                                             "devices": 1})
+                    config = resolve_config({"model": args.model, "data": data, "max_sentences": args.sentences,
+                                             "out": out, "devices": 1})
                     jax.clear_caches()  # both rules compile their programs inside the timed run
                     start = time.perf_counter()
                     evaluate(config, quiet=True)
@@ -105,8 +108,8 @@ def main() -> None:
     print_table(rows, ["mix", "rule", "pairs", "mean_tokens", "mean_padding", "max_padding", "buckets",
                        "tables_flops_per_pair", "tables_s_per_pair", "tables_speedup", "main_job_s",
                        "main_job_speedup"])
-    write_json(args.json, {"machine": machine(), "sentences": args.sentences, "repeats": args.repeats,
-                           "results": rows})
+    write_json(args.json, {"machine": machine(), "model": args.model, "sentences": args.sentences,
+                           "repeats": args.repeats, "results": rows})
 
 
 if __name__ == "__main__":
