@@ -55,3 +55,14 @@ def fresh_plan_cache(monkeypatch):
     cache.clear_memory()
     yield
     cache.clear_memory()
+
+
+@pytest.fixture
+def optimised_compiles():
+    """XLA's optimisations on for this test's compiles (conftest turns most off): for the
+    tests whose time goes into running the embedded model's V = 4096 tables and joints,
+    which run about twice as fast optimised, rather than into compiling."""
+    from jaxjoint.plan.compile import fully_optimised
+
+    with fully_optimised():
+        yield

@@ -97,6 +97,7 @@ def test_heldout_accuracy_beats_unigram(mlm, name, n):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimised_compiles")
 def test_converged_ag_has_lowest_kl_all_on_default_sentences(mlm):
     # AG's fixed point minimises J = sum of the 2V KLs, i.e. 2V * kl_all, over all
     # joints, so once converged no other construction can have a lower kl_all.

@@ -246,6 +246,7 @@ def test_unknown_output_format(runs):
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("optimised_compiles")
 def test_two_runs_of_the_embedded_model(tmp_path):
     """The issue's check: default and default-news on the embedded model, then the table in every format."""
     from jaxjoint.run import evaluate
