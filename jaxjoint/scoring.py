@@ -18,7 +18,7 @@ from jaxjoint.metrics import METRICS, mlm_unary_nll, pair_metrics
 from jaxjoint.tables import PairTables
 
 # The per-pair record of AG's run (``Joint.info`` holds the same keys).
-AG_DIAGNOSTICS = ("iters", "delta", "objective")
+AG_DIAGNOSTICS = ("iters", "map_passes", "delta", "objective")
 
 
 def derive_all(tables: PairTables, methods: Sequence[str], ag_options: dict[str, Any],
@@ -51,8 +51,9 @@ def score_joints(
 
 
 def ag_diagnostics(joint: Joint) -> dict[str, float | int]:
-    """AG's ``iters`` (int), ``delta`` (L1 change of its last step) and ``objective`` J."""
-    return {key: (int if key == "iters" else float)(joint.info[key]) for key in AG_DIAGNOSTICS}
+    """AG's ``iters`` and ``map_passes`` (ints), ``delta`` (estimated distance from the
+    fixed point) and ``objective`` J."""
+    return {key: (int if key in ("iters", "map_passes") else float)(joint.info[key]) for key in AG_DIAGNOSTICS}
 
 
 def score_tables(

@@ -5,7 +5,9 @@ one fused pass over one loop-invariant table ``qA + qB`` (``invariant_table``),
 elementwise work plus row and column sums, with the column sums one all-reduce
 of V floats. The pass runs in scaled probability space (a division per cell
 instead of four exps) and is redone in log space whenever float32 underflow
-could have touched its sums (``iteration_sums``).
+could have touched its sums (``iteration_sums``). To a tolerance, the accelerated
+solver is Newton's method on AG's convex objective (``ag_newton``), and both
+solvers stop on its estimate of the distance from the fixed point.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxjoint.errors import UserError
+from jaxjoint.joints import ag_newton
 from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
 from jaxjoint.joints.streaming import (
     REPLICATED,
@@ -33,9 +36,7 @@ from jaxjoint.sharding import VOCAB_AXIS
 ITERS = 40  # the paper's fixed iteration count
 MAX_ITERS = 10_000  # cap when iterating to a tolerance
 SOLVERS = ("plain", "accelerated")
-MEMORY = 8  # Anderson's secants (DESIGN.md §1: measured against 3 and 5)
-RESTART = 10.0  # residual growth over the smallest seen that discards the memory
-_RIDGE = 1e-6
+ESTIMATE_EVERY = 16  # plain passes between the stopping rule's (Newton) estimates
 _CLEAN_SECANT = 2.0**-17  # ~32 x float32's rounding of a residual's L1 norm
 # CPU: cells per block of a pass (4 MiB, in cache between a block's two sums)
 PASS_BLOCK_CELLS = 1 << 20
@@ -201,12 +202,12 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
 
     fa, fb: logit tables float32[Vp, V], row-sharded on ``mesh``; norm_a, norm_b:
     their ``Normaliser``s ([V] and [Vp]); valid: bool[Vp], False on padding rows.
-    accelerated: extrapolate over the last ``MEMORY`` iterates (Anderson, DESIGN.md §1)
-    instead of the plain iteration.
+    accelerated: Newton's method on AG's convex objective (``ag_newton``, DESIGN.md §1)
+    instead of the plain iteration, then one AG pass from its point.
     Returns (log pA of the last iterate x [Vp], log pB of it [V], log Z, log pA [Vp],
-    log pB [V] of F(x), passes, delta): the joint is ``cell("ag")`` with x's
+    log pB [V] of F(x), passes, passes of AG's map, delta): the joint is ``cell("ag")`` with x's
     marginals minus log Z, and its marginals are F(x), the reported ones; delta
-    estimates their L1 distance from the fixed point (``distance_estimate``).
+    estimates their L1 distance from the fixed point (DESIGN.md §1, the stopping rule).
     """
     v = fa.shape[1]
     cell = block_cell("ag")
@@ -216,7 +217,7 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
         # One local table more than the inputs, so each iteration reads one table. (XLA's CPU
         # backend holds a second table-sized temporary here; plans read the real peak per target.)
         table = invariant_table(fa, fb, norm_a, norm_b)
-        rows = jnp.isfinite(log_pa)
+        prob = ag_newton.problem(table)
 
         def apply(x):
             """One pass: F(x) as log marginals, log Z, and the residual F(x) - x in probability space."""
@@ -231,13 +232,18 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
             res = jax.tree.map(lambda f, x: jnp.exp(f) - jnp.exp(x), fx, x)
             return fx, log_z, res
 
+        def estimate(i, x):
+            """(passes, delta): the Newton estimate of x's distance from the fixed point."""
+            _, passes, delta = ag_newton.distance_estimate(prob, *x, max_steps - i, block_rows)
+            return passes, delta
+
         def step(s):
             fx, log_z, res = apply(s["x"])
             l1 = _l1(res)
-            # Secants of F - I against an anchor, an earlier point: how much a change of x
-            # changes the residual (DESIGN.md §1, the stopping rule). The anchor is kept until
-            # the residual has changed well beyond float32's rounding of it (a one-pass secant
-            # of a slow contraction is rounding noise), then moved here; kappa is the largest.
+            i = s["i"] + 1
+            # A fixed count reports a free estimate from secants of F - I against an anchor,
+            # an earlier point (DESIGN.md §1): kappa, the largest |dx| / |dr| seen, where dr has
+            # grown beyond float32's rounding of the residual, times the residual.
             dx = _l1(jax.tree.map(lambda a, b: jnp.exp(a) - jnp.exp(b), s["x"], s["anchor_x"]))
             dr = _l1(jax.tree.map(jnp.subtract, res, s["anchor_r"]))
             clean = (s["i"] > 0) & (dr > _CLEAN_SECANT)
@@ -246,98 +252,45 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
             anchor_x = jax.tree.map(lambda a, b: jnp.where(move, a, b), s["x"], s["anchor_x"])
             anchor_r = jax.tree.map(lambda a, b: jnp.where(move, a, b), res, s["anchor_r"])
             delta = jnp.where(kappa > 0, jnp.maximum(kappa - 1, 0.0) * l1, jnp.inf)
-            new = dict(s, i=s["i"] + 1, fx=fx, log_z=log_z, delta=delta, kappa=kappa, anchor_x=anchor_x,
-                       anchor_r=anchor_r)
-            if not accelerated:
-                return dict(new, x=fx, x_prev=s["x"], res_prev=res, l1_prev=l1)
-            return _anderson(s, new, fx, res, l1, rows)
+            # To a tolerance, every ESTIMATE_EVERY passes: the Newton estimate, its passes counted.
+            due = s["estimating"] & (i % ESTIMATE_EVERY == 0) & (i + 2 < max_steps)
+            passes, newton_delta = lax.cond(due, lambda: estimate(i, fx), lambda: (jnp.int32(0), s["delta"]))
+            delta = jnp.where(s["estimating"], newton_delta, delta)
+            return dict(s, i=i + passes, n=s["n"] + 1, x=fx, x_prev=s["x"], fx=fx, log_z=log_z, delta=delta,
+                        kappa=kappa, anchor_x=anchor_x, anchor_r=anchor_r)
 
         def keep_going(s):
-            return (s["i"] < max_steps) & ~(s["delta"] < tol)  # a NaN estimate stops nothing
+            return (s["i"] < s["target"]) & ~(s["delta"] < tol)  # a NaN estimate stops nothing
 
         zero = jnp.zeros((), jnp.float32)
         x = (log_pa, log_pb)
         zeros = jax.tree.map(jnp.zeros_like, x)
-        init = dict(i=jnp.int32(0), x=x, fx=x, log_z=zero, delta=jnp.float32(jnp.inf), x_prev=x,
-                    res_prev=zeros, l1_prev=jnp.float32(jnp.inf), kappa=zero, anchor_x=x, anchor_r=zeros)
+        init = dict(i=jnp.int32(0), n=jnp.int32(0), target=max_steps, estimating=tol > 0, x=x, fx=x, x_prev=x,
+                    log_z=zero, delta=jnp.float32(jnp.inf), kappa=zero, anchor_x=x, anchor_r=zeros)
         if accelerated:
-            memory = jax.tree.map(lambda a: jnp.broadcast_to(jnp.zeros_like(a), (MEMORY,) + a.shape), x)
-            init.update(g_prev=zeros, dx=memory, dg=memory, count=jnp.int32(0), best=jnp.float32(jnp.inf))
-        s = lax.while_loop(keep_going, step, init)
+            i, theta, phi, delta = ag_newton.newton_solve(prob, log_pa, log_pb, max_steps, tol, block_rows)
+            # The joint is one AG pass from Newton's point; out of passes before tol, the passes
+            # left go to plain AG. (Stopped at float32's floor, delta above tol says so.)
+            target = jnp.where(i + 2 < max_steps, i + 1, max_steps)
+            init = dict(init, i=i, target=target, estimating=jnp.bool_(False), x=(theta, phi))
+            s = dict(lax.while_loop(lambda s: s["i"] < s["target"], step, init), delta=delta)
+        else:
+            s = lax.while_loop(keep_going, step, init)
         # x_prev: the point the last pass was applied to (x is already the next one)
-        return s["i"], s["x_prev"], s["fx"], s["log_z"], s["delta"]
+        return s["i"], s["n"], s["x_prev"], s["fx"], s["log_z"], s["delta"]
 
     uniform = jnp.float32(-math.log(v))
     log_pa = jnp.where(valid, uniform, -jnp.inf)
     log_pb = jnp.full((v,), uniform)
     specs = (ROWS, ROWS, ROWS, ROWS, REPLICATED, REPLICATED, REPLICATED, REPLICATED)
-    out = (REPLICATED, (ROWS, REPLICATED), (ROWS, REPLICATED), REPLICATED, REPLICATED)
-    i, (prev_pa, prev_pb), (log_pa, log_pb), log_z, delta = shard(mesh, local, specs, out)(
+    out = (REPLICATED, REPLICATED, (ROWS, REPLICATED), (ROWS, REPLICATED), REPLICATED, REPLICATED)
+    i, n, (prev_pa, prev_pb), (log_pa, log_pb), log_z, delta = shard(mesh, local, specs, out)(
         fa, fb, norm_b, log_pa, norm_a, log_pb, max_steps, tol
     )
-    return prev_pa, prev_pb, log_z, log_pa, log_pb, i, delta
+    return prev_pa, prev_pb, log_z, log_pa, log_pb, i, n, delta
 
 
 def _l1(pair) -> jax.Array:
     """L1 norm of a (row part [n], column part [V]) pair of vectors, rows summed over devices."""
     a, b = pair
     return lax.psum(jnp.abs(a).sum(), VOCAB_AXIS) + jnp.abs(b).sum()
-
-
-def _finite_diff(a, b):
-    """a - b, 0 where either is -inf (padding rows)."""
-    return jnp.where(jnp.isfinite(a) & jnp.isfinite(b), a - b, 0.0)
-
-
-def _normalised(pair):
-    """Log marginals shifted to sum to 1 each; the row part's sum is over all devices."""
-    a, b = pair
-    return a - logsumexp_across_devices(jax.nn.logsumexp(a)), b - jax.nn.logsumexp(b)
-
-
-def _anderson(s, new, fx, res, l1, rows):
-    """The next iterate after the point ``s["x"]`` (image ``fx``, residual ``res``,
-    its L1 norm ``l1``): Anderson extrapolation over the last ``MEMORY`` secants of
-    G(x) = F(x) - x in log-marginal space, the least squares weighted by sqrt(p);
-    the plain step F(x), memory cleared, when the residual has grown past
-    ``RESTART`` times the smallest seen or the extrapolation is not finite."""
-    x = s["x"]
-    g = jax.tree.map(_finite_diff, fx, x)
-    restart = l1 > RESTART * s["best"]
-    count = jnp.where(restart, 0, s["count"])
-    slot = (count - 1) % MEMORY
-    add = count >= 1
-
-    def remember(memory, a, b):
-        return memory.at[slot].set(jnp.where(add, _finite_diff(a, b), memory[slot]))
-
-    dx = jax.tree.map(remember, s["dx"], x, s["x_prev"])
-    dg = jax.tree.map(remember, s["dg"], g, s["g_prev"])
-    count = count + 1
-    used = jnp.arange(MEMORY) < jnp.minimum(count - 1, MEMORY)
-
-    # Weighted by sqrt(p): a log-marginal's error matters as much as its probability mass
-    # (unweighted, the many near-zero tokens, whose logs move most, drive the fit).
-    weight = jax.tree.map(lambda a: jnp.exp(0.5 * a), x)
-    a_mat = jax.tree.map(lambda d, w: d * w[None, :], dg, weight)
-    b_vec = jax.tree.map(lambda d, w: d * w, g, weight)
-    hi = lax.Precision.HIGHEST
-    gram = (lax.psum(jnp.einsum("in,jn->ij", a_mat[0], a_mat[0], precision=hi), VOCAB_AXIS)
-            + jnp.einsum("in,jn->ij", a_mat[1], a_mat[1], precision=hi))
-    rhs = (lax.psum(jnp.einsum("in,n->i", a_mat[0], b_vec[0], precision=hi), VOCAB_AXIS)
-           + jnp.einsum("in,n->i", a_mat[1], b_vec[1], precision=hi))
-    pair_used = used[:, None] & used[None, :]
-    eye = jnp.eye(MEMORY, dtype=jnp.float32)
-    gram = jnp.where(pair_used, gram, eye)
-    # float32 normal equations: a small ridge keeps nearly parallel secants from blowing up
-    gram = gram + _RIDGE * jnp.where(used, jnp.diagonal(gram), 0.0).max() * eye
-    gamma = jnp.where(used, jnp.linalg.solve(gram, jnp.where(used, rhs, 0.0)), 0.0)
-    step = jax.tree.map(
-        lambda x, g, dx, dg: x + g - jnp.einsum("i,in->n", gamma, dx + dg, precision=hi), x, g, dx, dg)
-    step = (jnp.where(rows, step[0], -jnp.inf), step[1])
-    step = _normalised(step)
-    ok = jnp.isfinite(lax.psum(jnp.where(rows, step[0], 0.0).sum(), VOCAB_AXIS) + step[1].sum())
-    ok = ok & (count > 1)
-    x_next = jax.tree.map(lambda e, f: jnp.where(ok, e, f), step, fx)
-    return dict(new, x=x_next, x_prev=x, res_prev=res, g_prev=g, dx=dx, dg=dg, count=count,
-                best=jnp.where(restart, l1, jnp.minimum(s["best"], l1)))

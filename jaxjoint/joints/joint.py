@@ -69,9 +69,10 @@ class Joint:
       norm_a: ``Normaliser`` of float32[V]: logsumexp over a of ``logits_a[:, b]``.
       norm_b: ``Normaliser`` of float32[Vp]: logsumexp over b of ``logits_b[a, :]``.
       row: float32[Vp]; col: float32[V]; log_z: float32[] (see above).
-      info_arrays: method-specific float32[]/int32[] arrays: ag has ``iters``,
-        ``delta`` (L1 change of the two marginals in the last iteration) and
-        ``objective`` (J(p) of DESIGN.md §1); hcb has ``pivot``. ``info`` reads
+      info_arrays: method-specific float32[]/int32[] arrays: ag has ``iters`` (every
+        pass over the table), ``map_passes`` (those that applied AG's map),
+        ``delta`` (estimated distance of its marginals from the fixed point, DESIGN.md
+        §1) and ``objective`` (J(p)); hcb has ``pivot``. ``info`` reads
         them as Python numbers.
       method, mesh: static.
     """
@@ -114,8 +115,8 @@ class Joint:
 
     @property
     def info(self) -> dict[str, Any]:
-        """Method-specific numbers, as the records hold them: ag's ``iters`` (int),
-        ``delta`` and ``objective`` (floats), hcb's ``pivot`` (int). Python numbers
+        """Method-specific numbers, as the records hold them: ag's ``iters`` and
+        ``map_passes`` (ints), ``delta`` and ``objective`` (floats), hcb's ``pivot`` (int). Python numbers
         outside jit (read from the device when asked); arrays while traced."""
         if is_traced(self.info_arrays):
             return dict(self.info_arrays)
@@ -210,14 +211,14 @@ def _derive(tables: PairTables, pivot, max_steps, tol, *, method, mesh, block_ro
         log_z = jax.nn.logsumexp(col_lse)
         return norm_a, norm_b, row, col, log_z, info
 
-    row, col, log_z, log_pa, log_pb, iters, delta = ag.solve(
+    row, col, log_z, log_pa, log_pb, iters, map_passes, delta = ag.solve(
         mesh, block_rows, fa, fb, norm_a, norm_b, tables.row_valid, max_steps, tol, accelerated=accelerated
     )
     rows, cols = (fa, fb, norm_b, row), (norm_a, col)
     # The last iterate's marginals are its row and column sums: no extra lse pass.
     cell = block_cell("ag")
     objective = kl_sum(mesh, block_rows, cell, rows, cols, log_pa + log_z, log_pb + log_z)
-    info = {"iters": iters, "delta": delta, "objective": objective}
+    info = {"iters": iters, "map_passes": map_passes, "delta": delta, "objective": objective}
     return norm_a, norm_b, row, col, log_z, info
 
 
@@ -265,16 +266,18 @@ def derive_joint(
         ``streaming.BLOCK_CELLS`` cells per block).
       options:
         hcb: ``pivot`` (int token a*; default argmax of mA over real tokens).
-        ag: ``iters`` (default 40, the paper's fixed count), or ``tol``: iterate
-          until the L1 change of the two marginals is < tol, at most ``max_iters``
-          (default 10000) iterations. float32 rounding puts a floor of about 1e-7
-          (growing with V) under that change: a smaller tol runs to ``max_iters``.
+        ag: ``iters`` (default 40, the paper's fixed count of plain iterations), or
+          ``tol``: until the estimated distance of the marginals from the fixed point
+          (``delta``, DESIGN.md §1) is < tol, at most ``max_iters`` (default 10000)
+          passes, with ``solver`` "accelerated" (Newton, the default) or "plain".
+          float32 puts a floor of a few 1e-7 (growing with V) under the estimate:
+          below it, a run stops at the floor (accelerated) or at ``max_iters``.
           The loop holds one table beside the inputs, qA + qB of the local rows
           (row-scaled), so that each iteration reads one table, not two.
 
     Returns:
-      A lazy ``Joint``; for ag, ``joint.info`` has ``iters``, ``delta``
-      and ``objective`` J(p).
+      A lazy ``Joint``; for ag, ``joint.info`` has ``iters``, ``map_passes``,
+      ``delta`` and ``objective`` J(p).
 
     Raises:
       UserError: unknown method or option, or invalid option values.

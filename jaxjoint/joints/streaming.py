@@ -45,7 +45,8 @@ def fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
     """Run ``step(carry, row_block) -> (carry, out[c])`` over consecutive row blocks.
 
     rows: a tuple of pytrees of arrays with a common leading dimension n. Returns
-    the final carry and the per-row outputs, float32[n]. Full blocks go through
+    the final carry and the per-row outputs (float32[n], or a tuple of them when
+    ``step`` gives a tuple). Full blocks go through
     ``lax.scan`` on dynamic slices (no copy of the tables); a shorter last block is
     handled once after it.
     """
@@ -57,10 +58,10 @@ def fold_rows(step: Callable, carry: Any, rows: tuple, block_rows: int):
         return step(carry, jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, i * c, c), rows))
 
     carry, outs = lax.scan(body, carry, jnp.arange(full))
-    outs = outs.reshape(full * c)
+    outs = jax.tree.map(lambda o: o.reshape(full * c), outs)
     if tail:
         carry, last = step(carry, jax.tree.map(lambda x: x[full * c :], rows))
-        outs = jnp.concatenate([outs, last])
+        outs = jax.tree.map(lambda o, t: jnp.concatenate([o, t]), outs, last)
     return carry, outs
 
 
