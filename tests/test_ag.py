@@ -20,8 +20,9 @@ from jaxjoint import load_mlm
 from jaxjoint.errors import UserError
 from jaxjoint.joints import derive_joint
 from jaxjoint.metrics import METRICS, pair_metrics
+from jaxjoint.sharding import make_mesh, padded_size
 from jaxjoint.tables import pair_tables
-from tests.references import Raw, random_raw, ref_metrics
+from tests.references import Raw, random_raw, ref_metrics, shard_tables
 
 
 def ref_map(lqa: jnp.ndarray, lqb: jnp.ndarray):
@@ -106,6 +107,16 @@ def check_against_reference(tables, gold, mesh=None):
 def test_solvers_reach_the_fixed_point_on_random_tables(scale, seed):
     raw = random_raw(29, scale, seed=seed)
     check_against_reference(raw.tables(), (3, 17))
+
+
+def test_solvers_reach_the_fixed_point_on_eight_devices():
+    """Newton's row inner products, CG and normalisation across devices: V = 37 rows split
+    8 ways (padded to 64: the last three devices hold only padding) reach the float64 fixed point."""
+    mesh = make_mesh()
+    assert mesh.size == 8
+    raw = random_raw(37, 1.0, seed=8)
+    sharded = shard_tables(raw.tables(padded_vocab_size=padded_size(37, mesh)), mesh)
+    check_against_reference(sharded, (3, 17), mesh=mesh)
 
 
 def test_delta_estimates_the_distance_from_the_fixed_point():
