@@ -109,6 +109,7 @@ def test_solvers_reach_the_fixed_point_on_random_tables(scale, seed):
     check_against_reference(raw.tables(), (3, 17))
 
 
+@pytest.mark.slow  # the fast tier has the same solvers on one device (above); it is at its 3-minute budget
 def test_solvers_reach_the_fixed_point_on_eight_devices():
     """Newton's row inner products, CG and normalisation across devices: V = 37 rows split
     8 ways (padded to 64: the last three devices hold only padding) reach the float64 fixed point."""
