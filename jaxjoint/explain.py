@@ -264,7 +264,8 @@ def format_explanation(explanation: dict[str, Any], tokenizer: Any) -> str:
         lines.append(_columns(columns))
     ag = explanation["ag"]
     if ag is not None:
-        lines.append(f"\nAG: {ag['iters']} iterations, last L1 change {ag['delta']:.3g}, J = {ag['objective']:.4g}")
+        lines.append(f"\nAG: {ag['iters']} passes, estimated distance from the fixed point {ag['delta']:.3g}, "
+                     f"J = {ag['objective']:.4g}")
     if gold is not None:
         rows = [[LABELS[m], *(f"{v[k]:.4f}" for k in ("p_nll", "u_nll", "kl_gold", "kl_all"))]
                 for m, v in explanation["metrics"].items()]
