@@ -53,10 +53,10 @@ def sigmoid_parts(theta, phi):
     return jnp.where(up, small, inv), jnp.where(up, inv, small), small * inv
 
 
-def problem(table):
+def problem(table, estimating):
     """The convex problem's constants on the local rows from AG's invariant table
     (e [n, V], row log-scale s [n]): (e, omega = e^s [n], the mean conditionals
-    ([n], [V]), each summing to 1).
+    ([n], [V]), each summing to 1; zeros unless ``estimating``, bool[]).
 
     alpha and beta are taken from the table itself, alpha[a] = sum_b E[a, b] - 1 and
     beta[b] = sum_a E[a, b] - 1 (exact identities, as the conditionals sum to 1): Phi's
@@ -68,10 +68,15 @@ def problem(table):
     e, s = table
     omega = jnp.exp(s)
     v = e.shape[1]
-    # The mean conditionals (1/V) sum_b qA(a|b), (1/V) sum_a qB(b|a): weights of the stopping rule.
-    mean_qa = jnp.maximum(omega * e.sum(axis=1) - 1, 0.0) / v
-    mean_qb = jnp.maximum(lax.psum((e * omega[:, None]).sum(axis=0), VOCAB_AXIS) - 1, 0.0) / v
-    return e, omega, (mean_qa, mean_qb)
+
+    def mean_conditionals():
+        """(1/V) sum_b qA(a|b), (1/V) sum_a qB(b|a): the stopping rule's weights."""
+        mean_qa = jnp.maximum(omega * e.sum(axis=1) - 1, 0.0) / v
+        return mean_qa, jnp.maximum(lax.psum((e * omega[:, None]).sum(axis=0), VOCAB_AXIS) - 1, 0.0) / v
+
+    # a pass over the table, skipped by a run that never estimates (the paper's fixed count)
+    means = lax.cond(estimating, mean_conditionals, lambda: (jnp.zeros_like(s), jnp.zeros(v)))
+    return e, omega, means
 
 
 def gradient(prob, theta, phi, block_rows: int):
