@@ -8,6 +8,7 @@ not a fixed number of passes.
 
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
@@ -18,11 +19,13 @@ from scipy.special import logsumexp
 
 from jaxjoint import load_mlm
 from jaxjoint.errors import UserError
-from jaxjoint.joints import derive_joint
+from jaxjoint.joints import ag, ag_newton, derive_joint
+from jaxjoint.joints.joint import resolve_mesh
+from jaxjoint.joints.streaming import REPLICATED, ROWS, normalisers, shard
 from jaxjoint.metrics import METRICS, pair_metrics
 from jaxjoint.sharding import make_mesh, padded_size
 from jaxjoint.tables import pair_tables
-from tests.references import Raw, random_raw, ref_metrics, shard_tables
+from tests.references import Raw, normalise, random_raw, ref_metrics, shard_tables
 
 
 def ref_map(lqa: jnp.ndarray, lqb: jnp.ndarray):
@@ -118,6 +121,68 @@ def test_solvers_reach_the_fixed_point_on_eight_devices():
     raw = random_raw(37, 1.0, seed=8)
     sharded = shard_tables(raw.tables(padded_vocab_size=padded_size(37, mesh)), mesh)
     check_against_reference(sharded, (3, 17), mesh=mesh)
+
+
+@functools.cache
+def newton_program(mesh, tol: float, objective_only: bool = False, max_passes: int = 3000):
+    """``ag_newton`` on a pair's tables from a given start, as ``ag.solve`` runs it: the
+    jitted (passes, theta, phi, delta, fall-backs) of ``newton_solve``, or Phi's (value,
+    magnitude) at the start."""
+
+    def local(fa, fb, norm_b, norm_a, theta, phi):
+        prob = ag_newton.problem(ag.invariant_table(fa, fb, norm_a, norm_b), jnp.bool_(True))
+        if objective_only:
+            return ag_newton.gradient(prob, theta, phi, 8, objective=True)[3]
+        return ag_newton.newton_solve(prob, theta, phi, max_passes, jnp.float32(tol), 8)
+
+    specs = (ROWS, ROWS, ROWS, REPLICATED, ROWS, REPLICATED)
+    out = (REPLICATED,) * 2 if objective_only else (REPLICATED, ROWS, REPLICATED, REPLICATED, REPLICATED)
+    return jax.jit(shard(mesh, local, specs, out))
+
+
+def newton_from(tables, theta, phi, tol: float = 1e-6, objective_only: bool = False):
+    mesh = resolve_mesh(tables, None)
+    norm_a, norm_b = normalisers(tables)
+    start = (jnp.asarray(theta, jnp.float32), jnp.asarray(phi, jnp.float32))
+    return newton_program(mesh, tol, objective_only)(tables.logits_a, tables.logits_b, norm_b, norm_a, *start)
+
+
+def test_objective_equals_float64():
+    """Phi from the gradient's pass (the safeguard's merit function) equals float64 Phi =
+    sum E log(e^theta + e^phi) - alpha.theta - beta.phi at scattered points, within its
+    stated rounding scale; and the fixed point minimises it."""
+    raw = random_raw(29, 3.0, seed=4)
+    lqa, lqb = raw.log_q()
+    e = np.exp(lqa) + np.exp(lqb)
+
+    def phi64(th, ph):
+        return (e * np.logaddexp(th[:, None], ph[None, :])).sum() - np.exp(lqa).sum(1) @ th - np.exp(lqb).sum(0) @ ph
+
+    rng = np.random.default_rng(0)
+    best = ref_fixed_point(raw)
+    at_best = logsumexp(best, axis=1), logsumexp(best, axis=0)
+    for th, ph in [at_best] + [(rng.normal(0, spread, 29) - 3, rng.normal(0, spread, 29) - 3) for spread in (1, 5, 20)]:
+        value, magnitude = (float(x) for x in newton_from(raw.tables(), th, ph, objective_only=True))
+        assert abs(value - phi64(th, ph)) < ag_newton.SLACK * magnitude / 4, (value, phi64(th, ph), magnitude)
+        assert phi64(th, ph) >= phi64(*at_best) - 1e-9
+
+
+@pytest.mark.parametrize("scale,seed", [(1.0, 5), (3.0, 6)])
+def test_newton_falls_back_to_plain_steps_and_still_reaches_the_fixed_point(scale, seed):
+    """From a start far from the fixed point (log-marginals spread over ~5 nats), full
+    Newton steps raise Phi; each such point is refused for plain AG's step from the last
+    accepted point, and Newton still reaches the float64 fixed point. (Without the
+    safeguard, Newton from such starts, spread 5 or 20 nats, still estimated itself 3 to
+    2e5 away after 3000 passes on 11 of 16 random V = 29 tables of scales 3 and 6, 2026-12-07.)"""
+    raw = random_raw(29, scale, seed=seed)
+    rng = np.random.default_rng(seed)
+    th, ph = rng.normal(0, 5, 29) - np.log(29), rng.normal(0, 5, 29) - np.log(29)
+    passes, theta, phi, delta, fallbacks = newton_from(raw.tables(), th, ph)
+    assert int(fallbacks) > 0 and int(passes) < 3000 and float(delta) < 1e-6
+    best = ref_fixed_point(raw)
+    got = np.exp(np.concatenate([normalise(np.asarray(x, np.float64)) for x in (theta, phi)]))
+    expected = np.concatenate([np.exp(logsumexp(best, axis=1)), np.exp(logsumexp(best, axis=0))])
+    assert np.abs(got - expected).sum() < 2e-6
 
 
 def test_delta_estimates_the_distance_from_the_fixed_point():

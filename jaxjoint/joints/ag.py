@@ -268,7 +268,7 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
         init = dict(i=jnp.int32(0), n=jnp.int32(0), target=max_steps, estimating=tol > 0, x=x, fx=x, x_prev=x,
                     log_z=zero, delta=jnp.float32(jnp.inf), kappa=zero, anchor_x=x, anchor_r=zeros)
         if accelerated:
-            i, theta, phi, delta = ag_newton.newton_solve(prob, log_pa, log_pb, max_steps, tol, block_rows)
+            i, theta, phi, delta, _ = ag_newton.newton_solve(prob, log_pa, log_pb, max_steps, tol, block_rows)
             # The joint is one AG pass from Newton's point; out of passes before tol, the passes
             # left go to plain AG. (Stopped at float32's floor, delta above tol says so.)
             target = jnp.where(i + 2 < max_steps, i + 1, max_steps)

@@ -39,6 +39,7 @@ FROZEN = -80.0  # log-marginals below this (normalised) are left where they are:
 # cells underflow float32, so their gradient is noise (and they carry < 1e-34 of the mass)
 STALL = 6  # Newton steps without halving the best estimate: float32's floor is reached ...
 LOCAL = 1e-3  # ... counted once the estimate is this small (far off, Newton may take many steps to halve it)
+SLACK = 2.0**-20  # a rise of Phi below this times its terms' magnitude is float32's rounding, not a rise
 
 
 def sigmoid_parts(theta, phi):
@@ -79,24 +80,54 @@ def problem(table, estimating):
     return e, omega, means
 
 
-def gradient(prob, theta, phi, block_rows: int):
-    """One pass: Phi's gradient and the Hessian's diagonal at (theta, phi), each as
-    (rows in their own units [n], columns [V]): 1 - sum_b E (1 - sigma) for a row,
-    1 - sum_a E sigma for a column (DESIGN.md §1)."""
+def gradient(prob, theta, phi, block_rows: int, objective: bool = False):
+    """One pass: Phi's gradient, the Hessian's diagonal and AG's map at (theta, phi).
+
+    Returns (gradient, diagonal, map_step[, (Phi, its magnitude)]), each of the first
+    three as (rows [n], columns [V]), rows in their own units: the gradient is
+    1 - sum_b E (1 - sigma) for a row and 1 - sum_a E sigma for a column (DESIGN.md §1);
+    ``map_step`` is the log of one minus it, what plain AG's map (the MM step) adds to
+    theta and phi before normalising (0 where the sum underflowed: the token stays).
+    With ``objective``, also Phi = sum E (log(e^theta + e^phi) - theta - phi) + sum theta
+    + sum phi (the same function; the form needs no alpha, beta) and the sum of its terms'
+    magnitudes, the scale of its float32 rounding (one log1p more per cell).
+    """
     e, omega = prob[:2]
+    valid = jnp.isfinite(theta)
+
+    def cells(th):
+        sig, rest, w = sigmoid_parts(th, phi)
+        if not objective:
+            return sig, rest, w, None
+        # log(e^th + e^phi) - th - phi = -min(th, phi) + log1p(e^-|th - phi|); 0 on padding rows
+        brk = jnp.minimum(th[:, None], phi[None, :])
+        brk = jnp.where(jnp.isfinite(th)[:, None], jnp.log1p(jnp.exp(-jnp.abs(phi[None, :] - th[:, None]))) - brk, 0.0)
+        return sig, rest, w, brk
 
     def step(cols, block):
         e, th, om = block
-        sig, rest, w = sigmoid_parts(th, phi)
+        sig, rest, w, brk = cells(th)
         ew = e * w
         col_g, col_d = cols
         cols = col_g + (e * sig * om[:, None]).sum(axis=0), col_d + (ew * om[:, None]).sum(axis=0)
-        return cols, ((e * rest).sum(axis=1), ew.sum(axis=1))
+        rows = (e * rest).sum(axis=1), ew.sum(axis=1)
+        if objective:
+            rows = rows + ((e * brk).sum(axis=1), (e * jnp.abs(brk)).sum(axis=1))
+        return cols, rows
 
     zeros = lax.pcast(jnp.zeros(phi.shape), VOCAB_AXIS, to="varying")
-    cols, (row_g, row_d) = fold_rows(step, (zeros, zeros), (e, theta, omega), block_rows)
+    cols, rows = fold_rows(step, (zeros, zeros), (e, theta, omega), block_rows)
+    row_g, row_d = rows[:2]
     col_g, col_d = lax.psum(jnp.stack(cols), VOCAB_AXIS)
-    return (1 / omega - row_g, 1 - col_g), (row_d, col_d)
+    grad, diag = (1 / omega - row_g, 1 - col_g), (row_d, col_d)
+    map_step = (jnp.where(row_g > 0, jnp.log(jnp.where(row_g > 0, row_g, 1.0)) + jnp.log(omega), 0.0),
+                jnp.where(col_g > 0, jnp.log(jnp.where(col_g > 0, col_g, 1.0)), 0.0))
+    if not objective:
+        return grad, diag, map_step
+    row_obj, row_mag = (jnp.where(valid, omega * r, 0.0) for r in rows[2:])
+    th = jnp.where(valid, theta, 0.0)
+    value = lax.psum(jnp.stack([row_obj.sum() + th.sum(), row_mag.sum() + jnp.abs(th).sum()]), VOCAB_AXIS)
+    return grad, diag, map_step, (value[0] + phi.sum(), value[1] + jnp.abs(phi).sum())
 
 
 def hessian_times(prob, theta, phi, diag, vec, block_rows: int):
@@ -115,16 +146,15 @@ def hessian_times(prob, theta, phi, diag, vec, block_rows: int):
     return diag[0] * vec_rows - rows, diag[1] * vec_cols - lax.psum(cols, VOCAB_AXIS)
 
 
-def newton_direction(prob, theta, phi, budget, block_rows: int):
-    """Newton's direction at (theta, phi) by Jacobi-preconditioned conjugate gradients,
-    at most ``budget`` passes (gradient included). Returns (direction as (rows [n],
-    columns [V]), passes used)."""
+def newton_direction(prob, theta, phi, g, diag, budget, block_rows: int):
+    """Newton's direction at (theta, phi) from ``gradient``'s g and diag there, by
+    Jacobi-preconditioned conjugate gradients, at most ``budget`` passes. Returns
+    (direction as (rows [n], columns [V]), passes used)."""
     omega = prob[1]
 
     def dot(u, v):
         return lax.psum((omega * u[0] * v[0]).sum(), VOCAB_AXIS) + (u[1] * v[1]).sum()
 
-    g, diag = gradient(prob, theta, phi, block_rows)
     norm = normalised_logs(theta, phi)
     active = jax.tree.map(lambda x, d, g: (x > FROZEN) & (d > 0) & jnp.isfinite(g), norm, diag, g)
     inverse = jax.tree.map(lambda a, d: jnp.where(a, 1 / jnp.where(a, d, 1.0), 0.0), active, diag)
@@ -140,7 +170,7 @@ def newton_direction(prob, theta, phi, budget, block_rows: int):
     zero = jax.tree.map(jnp.zeros_like, r)
 
     def more(s):
-        return (s["k"] < jnp.minimum(CG_MAX, budget - 1)) & (s["rz"] > CG_RTOL**2 * rz) & s["ok"]
+        return (s["k"] < jnp.minimum(CG_MAX, budget)) & (s["rz"] > CG_RTOL**2 * rz) & s["ok"]
 
     def step(s):
         hp = hessian_times(prob, theta, phi, diag, s["p"], block_rows)
@@ -156,7 +186,7 @@ def newton_direction(prob, theta, phi, budget, block_rows: int):
         return dict(k=s["k"] + 1, d=d, r=r, p=p, rz=rz_new, ok=ok)
 
     s = lax.while_loop(more, step, dict(k=jnp.int32(0), d=zero, r=r, p=z, rz=rz, ok=rz > 0))
-    return s["d"], 1 + s["k"]
+    return s["d"], s["k"]
 
 
 def normalised_logs(theta, phi):
@@ -191,40 +221,75 @@ def distance_estimate(prob, theta, phi, budget, block_rows: int):
     """(Newton direction, its passes, ``change_after_step`` of the full Newton step): the
     stopping rule's estimate of the distance from the fixed point (an upper estimate of
     the L1 distance), exact to second order near it."""
-    d, passes = newton_direction(prob, theta, phi, budget, block_rows)
-    return d, passes, change_after_step(theta, phi, d, prob[2])
+    g, diag, _ = gradient(prob, theta, phi, block_rows)
+    d, passes = newton_direction(prob, theta, phi, g, diag, budget - 1, block_rows)
+    return d, 1 + passes, change_after_step(theta, phi, d, prob[2])
+
+
+def normalised_step(theta, phi, d):
+    """(theta + d[0], phi + d[1]) shifted so that the rows' marginal sums to 1 (padding
+    rows stay -inf), and whether it is finite."""
+    valid = jnp.isfinite(theta)
+    theta = jnp.where(valid, theta + d[0], -jnp.inf)
+    phi = phi + d[1]
+    shift = logsumexp_across_devices(jax.nn.logsumexp(theta))
+    theta, phi = theta - shift, phi - shift
+    return theta, phi, jnp.isfinite(lax.psum(jnp.where(valid, theta, 0.0).sum(), VOCAB_AXIS) + phi.sum())
 
 
 def newton_solve(prob, theta, phi, max_passes, tol, block_rows: int):
     """Newton steps from (theta, phi) until the estimated distance is below ``tol``, the
     passes run out (one is kept for the caller's last AG pass), or float32's floor
-    (``STALL`` steps without halving the best estimate, once below ``LOCAL``). A step moves no log-marginal by
-    more than ``STEP_CAP``. Returns (passes, theta, phi, delta): delta is the estimate
-    at the point the last step started from (a Newton step only brings it closer)."""
-    valid = jnp.isfinite(theta)
+    (``STALL`` steps without halving the best estimate, once below ``LOCAL``).
+
+    Safeguarded: a step moves no log-marginal by more than ``STEP_CAP``; each point's
+    first pass (the gradient's) also gives Phi there, and a point where Phi rose above
+    the last accepted point's by more than float32's rounding (``SLACK`` of its terms'
+    magnitude) is refused: the iterate goes back and takes plain AG's step from the
+    accepted point instead (its MM step, which never raises Phi; free, from that point's
+    gradient pass), as it does where a Newton step is not finite.
+    Returns (passes, theta, phi, delta, fall-backs): delta is the estimate at the point
+    the last Newton step started from (a Newton step only brings it closer).
+    """
 
     def more(s):
         return (s["i"] + 2 <= max_passes - 1) & ~(s["delta"] < tol) & (s["stall"] < STALL)
 
     def step(s):
-        d, passes, delta = distance_estimate(prob, s["theta"], s["phi"], max_passes - 1 - s["i"], block_rows)
-        # Clipped per coordinate: a token of negligible mass whose float32 gradient is
-        # noise may want a huge move; it must not shorten everyone's step.
-        t, u = normalised_probs(s["theta"], s["phi"])
-        centre = (lax.psum((t * jnp.where(valid, d[0], 0.0)).sum(), VOCAB_AXIS) + (u * d[1]).sum()) / 2
-        d = jax.tree.map(lambda d: jnp.clip(d - centre, -STEP_CAP, STEP_CAP), d)
-        theta = jnp.where(valid, s["theta"] + d[0], -jnp.inf)
-        phi = s["phi"] + d[1]
-        shift = logsumexp_across_devices(jax.nn.logsumexp(theta))
-        theta, phi = theta - shift, phi - shift
-        finite = jnp.isfinite(lax.psum(jnp.where(valid, theta, 0.0).sum(), VOCAB_AXIS) + phi.sum())
+        theta, phi = s["theta"], s["phi"]
+        g, diag, map_step, (value, magnitude) = gradient(prob, theta, phi, block_rows, objective=True)
+        raised = value > s["ref_value"] + SLACK * magnitude  # (first point: reference +inf)
+
+        def newton():
+            d, k = newton_direction(prob, theta, phi, g, diag, max_passes - 2 - s["i"], block_rows)
+            delta = change_after_step(theta, phi, d, prob[2])
+            # Clipped per coordinate: a token of negligible mass whose float32 gradient is
+            # noise may want a huge move; it must not shorten everyone's step.
+            t, u = normalised_probs(theta, phi)
+            valid = jnp.isfinite(theta)
+            centre = (lax.psum((t * jnp.where(valid, d[0], 0.0)).sum(), VOCAB_AXIS) + (u * d[1]).sum()) / 2
+            d = jax.tree.map(lambda d: jnp.clip(d - centre, -STEP_CAP, STEP_CAP), d)
+            new_theta, new_phi, finite = normalised_step(theta, phi, d)
+            plain_theta, plain_phi, _ = normalised_step(theta, phi, map_step)
+            return (jnp.where(finite, new_theta, plain_theta), jnp.where(finite, new_phi, plain_phi),
+                    delta, k, ~finite)
+
+        def fall_back():
+            back_theta, back_phi, _ = normalised_step(s["ref_theta"], s["ref_phi"], s["ref_step"])
+            return back_theta, back_phi, s["delta"], jnp.int32(0), jnp.bool_(True)
+
+        new_theta, new_phi, delta, k, fell_back = lax.cond(raised, fall_back, newton)
         improved = (delta < 0.5 * s["best"]) | (s["best"] > LOCAL)
-        return dict(i=s["i"] + passes,
-                    theta=jnp.where(finite, theta, s["theta"]), phi=jnp.where(finite, phi, s["phi"]),
-                    delta=delta, best=jnp.minimum(s["best"], delta),
-                    stall=jnp.where(finite, jnp.where(improved, 0, s["stall"] + 1), STALL))
+        keep = lambda old, new: jax.tree.map(lambda o, n: jnp.where(raised, o, n), old, new)  # noqa: E731
+        return dict(i=s["i"] + 1 + k, theta=new_theta, phi=new_phi, delta=delta, best=jnp.minimum(s["best"], delta),
+                    stall=jnp.where(improved & ~fell_back, 0, s["stall"] + 1),
+                    fallbacks=s["fallbacks"] + fell_back.astype(jnp.int32),
+                    ref_theta=keep(s["ref_theta"], theta), ref_phi=keep(s["ref_phi"], phi),
+                    ref_step=keep(s["ref_step"], map_step), ref_value=keep(s["ref_value"], value))
 
     inf = jnp.float32(jnp.inf)
+    zero_step = (jnp.zeros_like(theta), jnp.zeros_like(phi))
     s = lax.while_loop(more, step, dict(i=jnp.int32(0), theta=theta, phi=phi, delta=inf, best=inf,
-                                        stall=jnp.int32(0)))
-    return s["i"], s["theta"], s["phi"], s["delta"]
+                                        stall=jnp.int32(0), fallbacks=jnp.int32(0), ref_theta=theta,
+                                        ref_phi=phi, ref_step=zero_step, ref_value=inf))
+    return s["i"], s["theta"], s["phi"], s["delta"], s["fallbacks"]
