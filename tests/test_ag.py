@@ -25,7 +25,7 @@ from jaxjoint.joints.streaming import REPLICATED, ROWS, normalisers, shard
 from jaxjoint.metrics import METRICS, pair_metrics
 from jaxjoint.sharding import make_mesh, padded_size
 from jaxjoint.tables import pair_tables
-from tests.references import Raw, normalise, random_raw, ref_metrics, shard_tables
+from tests.references import Raw, normalise, random_raw, ref_metrics, ref_objective, shard_tables
 
 
 def ref_map(lqa: jnp.ndarray, lqb: jnp.ndarray):
@@ -77,9 +77,14 @@ def marginals(joint) -> np.ndarray:
     return np.concatenate([np.exp(logsumexp(dense, axis=1)), np.exp(logsumexp(dense, axis=0))])
 
 
-def check_against_reference(tables, gold, mesh=None):
+def check_against_reference(tables, gold, mesh=None, same_iterate: bool = True):
     """Both solvers to tol 1e-6: the same marginals and metrics (1e-5 relative), the
     accelerated J no higher, both equal to the float64 fixed point (1e-4 relative).
+
+    Not ``same_iterate`` (tables where plain AG stops ~1e-6 from the fixed point, as tol
+    allows, while Newton stops much nearer): the marginals within 2e-6 of each other in
+    L1, J compared in float64 and the metrics through the float64 reference only (their
+    float32 KLs of ~1e-4 differ by ~1e-7 between such iterates).
 
     (1e-6, not 1e-7: at the float32 map's own fixed point, where plain AG stops moving,
     the stopping rule's Newton estimate is 3e-7 here: float32's floor, which an honest
@@ -95,15 +100,27 @@ def check_against_reference(tables, gold, mesh=None):
         runs[solver] = joint, pair_metrics(tables, joint, gold)
     (plain, plain_m), (fast, fast_m) = runs["plain"], runs["accelerated"]
     assert int(fast.info["iters"]) < int(plain.info["iters"])
-    np.testing.assert_allclose(marginals(fast), marginals(plain), rtol=1e-5, atol=1e-9)
-    assert float(fast.info["objective"]) <= float(plain.info["objective"]) * (1 + 1e-5)
+    if same_iterate:
+        np.testing.assert_allclose(marginals(fast), marginals(plain), rtol=1e-5, atol=1e-9)
+    else:
+        assert np.abs(marginals(fast) - marginals(plain)).sum() < 2e-6  # each within 1e-6 of the fixed point
+    if same_iterate:
+        assert float(fast.info["objective"]) <= float(plain.info["objective"]) * (1 + 1e-5)
+    else:  # J itself in float64: float32's J of a small objective is ~1e-3 relative here
+        dense = [np.asarray(j.to_dense(), np.float64) for j in (fast, plain)]
+        j_fast, j_plain = (ref_objective(raw, d - logsumexp(d)) for d in dense)
+        assert j_fast <= j_plain * (1 + 1e-5), (j_fast, j_plain)
     for key in METRICS:
-        np.testing.assert_allclose(fast_m[key], plain_m[key], rtol=1e-5, atol=1e-7, err_msg=key)
+        if same_iterate:
+            np.testing.assert_allclose(fast_m[key], plain_m[key], rtol=1e-5, atol=1e-7, err_msg=key)
         for name, got in (("plain", plain_m), ("accelerated", fast_m)):
             np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=f"{name} {key}")
-    for joint in (plain, fast):
-        distance = np.abs(marginals(joint) - best_marginals).sum()
-        assert distance < 1e-6, distance  # within tol, up to float32's own resolution of the cells
+    distances = [np.abs(marginals(joint) - best_marginals).sum() for joint in (plain, fast)]
+    assert distances[1] < 1e-6, distances  # within tol, up to float32's own resolution of the cells
+    # Plain AG's float32 fixed point is off the problem's (the table's qA + qB rounds a rare token's
+    # row mass, DESIGN.md §1); within tol of it when the stopping rule says so, the rest is float32's
+    # own shift of the fixed point, which the accelerated run measures.
+    assert distances[0] < 1e-6 + (0 if same_iterate else distances[1]), distances
 
 
 @pytest.mark.parametrize("scale,seed", [(1.0, 0), (1.0, 1)])
@@ -123,6 +140,45 @@ def test_solvers_reach_the_fixed_point_on_eight_devices():
     check_against_reference(sharded, (3, 17), mesh=mesh)
 
 
+@pytest.mark.slow  # two checkpoints, each on one and on eight devices, and a float64 Newton reference each
+@pytest.mark.parametrize("family", ["bert", "esm"])
+@pytest.mark.parametrize("devices", [1, 8])
+def test_solvers_reach_the_fixed_point_on_random_checkpoints(family, devices, tmp_path):
+    """Real MLM tables (tiny random BERT and ESM-2 checkpoints, 1 and 8 devices). Head gain
+    3: plain AG converges (1-3k passes) and both solvers agree with each other and with
+    the float64 fixed point (``check_against_reference``). Head gain 8 (a trained model's
+    entropy, ~1 nat): plain crawls, and says so (delta above tol after 20,000 passes);
+    the accelerated solver reaches the float64 fixed point in under 100 passes."""
+    from tests.hf_fixtures import make_checkpoint
+    from tests.modern_fixtures import make_esm_checkpoint
+
+    mesh = make_mesh(jax.devices()[:devices])
+    ids = [2, *range(5, 13), 3] if family == "bert" else [0, *range(4, 14), 2]
+    a, b = 2, 5
+    gold = (ids[a], ids[b])
+    for gain in (3.0, 8.0):
+        directory = tmp_path / f"{family}-{gain}"
+        if family == "bert":
+            make_checkpoint(directory, "bert", head_gain=gain)
+        else:
+            make_esm_checkpoint(directory, head_gain=gain)
+        tables = pair_tables(load_mlm(directory), ids, a, b, mesh=mesh)
+        assert tables.logits_a.sharding.mesh.size == devices
+        if gain == 3.0:
+            check_against_reference(tables, gold, mesh=mesh, same_iterate=False)
+            continue
+        plain = derive_joint(tables, "ag", tol=1e-6, max_iters=20_000, solver="plain", mesh=mesh)
+        assert int(plain.info["iters"]) == 20_000 and float(plain.info["delta"]) > 1e-5
+        fast = derive_joint(tables, "ag", tol=1e-6, solver="accelerated", mesh=mesh)
+        assert int(fast.info["iters"]) < 100 and float(fast.info["delta"]) < 1e-6
+        raw = raw_of(tables)
+        best = ref_fixed_point(raw)
+        expected = ref_metrics(raw, best, *gold)
+        got = pair_metrics(tables, fast, gold)
+        for key in METRICS:
+            np.testing.assert_allclose(got[key], expected[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
 @functools.cache
 def newton_program(mesh, tol: float, objective_only: bool = False, max_passes: int = 3000):
     """``ag_newton`` on a pair's tables from a given start, as ``ag.solve`` runs it: the
@@ -130,7 +186,7 @@ def newton_program(mesh, tol: float, objective_only: bool = False, max_passes: i
     magnitude) at the start."""
 
     def local(fa, fb, norm_b, norm_a, theta, phi):
-        prob = ag_newton.problem(ag.invariant_table(fa, fb, norm_a, norm_b), jnp.bool_(True))
+        prob = ag_newton.problem(ag.invariant_table(fa, fb, norm_a, norm_b), (fa, fb, norm_a, norm_b), jnp.bool_(True))
         if objective_only:
             return ag_newton.gradient(prob, theta, phi, 8, objective=True)[3]
         return ag_newton.newton_solve(prob, theta, phi, max_passes, jnp.float32(tol), 8)

@@ -217,7 +217,7 @@ def solve(mesh, block_rows, fa, fb, norm_a, norm_b, valid, max_steps, tol, *, ac
         # One local table more than the inputs, so each iteration reads one table. (XLA's CPU
         # backend holds a second table-sized temporary here; plans read the real peak per target.)
         table = invariant_table(fa, fb, norm_a, norm_b)
-        prob = ag_newton.problem(table, tol > 0)
+        prob = ag_newton.problem(table, (fa, fb, norm_a, norm_b), tol > 0)
 
         def apply(x):
             """One pass: F(x) as log marginals, log Z, and the residual F(x) - x in probability space."""

@@ -54,80 +54,88 @@ def sigmoid_parts(theta, phi):
     return jnp.where(up, small, inv), jnp.where(up, inv, small), small * inv
 
 
-def problem(table, estimating):
-    """The convex problem's constants on the local rows from AG's invariant table
-    (e [n, V], row log-scale s [n]): (e, omega = e^s [n], the mean conditionals
-    ([n], [V]), each summing to 1; zeros unless ``estimating``, bool[]).
+def problem(table, logits, estimating):
+    """The convex problem on the local rows: (e, omega = e^s [n], the mean conditionals
+    ([n], [V]), each summing to 1, zeros unless ``estimating`` (bool[]), logits).
 
-    alpha and beta are taken from the table itself, alpha[a] = sum_b E[a, b] - 1 and
-    beta[b] = sum_a E[a, b] - 1 (exact identities, as the conditionals sum to 1): Phi's
-    minimiser is then the fixed point of AG's map on this same float32 table, not of a
-    problem whose two sides are rounded differently (qA's exps and E's differ by
-    float32's rounding of |log q|, ~1e-6 relative at log q = -10, and the fixed point
-    moves by that times the problem's condition).
+    table: AG's invariant table (e [n, V], row log-scale s [n]), read by the Hessian's
+    passes. logits: (fa, fb [n, V], norm_a [V], norm_b [n]), read by the gradient's
+    pass, which takes qA and qB apart (``gradient``): a rare token's equation is the
+    balance of two small sums, which the table's qA + qB would give only as differences
+    from 1 (float32 keeps ~6e-8 of 1: percent errors in marginals below ~1e-8).
     """
     e, s = table
-    omega = jnp.exp(s)
+    fa, fb, norm_a, norm_b = logits
     v = e.shape[1]
 
     def mean_conditionals():
         """(1/V) sum_b qA(a|b), (1/V) sum_a qB(b|a): the stopping rule's weights."""
-        mean_qa = jnp.maximum(omega * e.sum(axis=1) - 1, 0.0) / v
-        return mean_qa, jnp.maximum(lax.psum((e * omega[:, None]).sum(axis=0), VOCAB_AXIS) - 1, 0.0) / v
+        mean_qa = jnp.exp(norm_a[None, :].log_q(fa)).sum(axis=1) / v
+        return mean_qa, lax.psum(jnp.exp(norm_b[:, None].log_q(fb)).sum(axis=0), VOCAB_AXIS) / v
 
-    # a pass over the table, skipped by a run that never estimates (the paper's fixed count)
+    # a pass over the tables, skipped by a run that never estimates (the paper's fixed count)
     means = lax.cond(estimating, mean_conditionals, lambda: (jnp.zeros_like(s), jnp.zeros(v)))
-    return e, omega, means
+    return e, jnp.exp(s), means, logits
 
 
 def gradient(prob, theta, phi, block_rows: int, objective: bool = False):
-    """One pass: Phi's gradient, the Hessian's diagonal and AG's map at (theta, phi).
+    """One pass over the logit tables: Phi's gradient, the Hessian's diagonal and AG's map
+    at (theta, phi).
 
     Returns (gradient, diagonal, map_step[, (Phi, its magnitude)]), each of the first
-    three as (rows [n], columns [V]), rows in their own units: the gradient is
-    1 - sum_b E (1 - sigma) for a row and 1 - sum_a E sigma for a column (DESIGN.md §1);
-    ``map_step`` is the log of one minus it, what plain AG's map (the MM step) adds to
-    theta and phi before normalising (0 where the sum underflowed: the token stays).
-    With ``objective``, also Phi = sum E (log(e^theta + e^phi) - theta - phi) + sum theta
-    + sum phi (the same function; the form needs no alpha, beta) and the sum of its terms'
-    magnitudes, the scale of its float32 rounding (one log1p more per cell).
+    three as (rows [n], columns [V]), rows in their own units (divided by omega). The
+    gradient is 1 - sum_b E (1 - sigma) for a row and 1 - sum_a E sigma for a column
+    (DESIGN.md §1), summed as sum_b (qB sigma - qA (1 - sigma)) and
+    sum_a (qA (1 - sigma) - qB sigma) (the conditionals sum to 1): no difference from 1,
+    so each token's equation keeps float32's relative precision however rare it is.
+    ``map_step`` is the log of one minus the gradient, what plain AG's map (the MM step)
+    adds to theta and phi before normalising (0 where the sum underflowed: the token
+    stays). With ``objective``, also Phi = sum E (log(e^theta + e^phi) - theta - phi) +
+    sum theta + sum phi (the same function; the form needs no alpha, beta) and the sum
+    of its terms' magnitudes, the scale of its float32 rounding (one log1p more per cell).
     """
-    e, omega = prob[:2]
+    omega = prob[1]
+    fa, fb, norm_a, norm_b = prob[3]
+    scale = jnp.log(omega)  # the table's row scale s (-inf on padding rows)
     valid = jnp.isfinite(theta)
 
-    def cells(th):
-        sig, rest, w = sigmoid_parts(th, phi)
-        if not objective:
-            return sig, rest, w, None
-        # log(e^th + e^phi) - th - phi = -min(th, phi) + log1p(e^-|th - phi|); 0 on padding rows
-        brk = jnp.minimum(th[:, None], phi[None, :])
-        brk = jnp.where(jnp.isfinite(th)[:, None], jnp.log1p(jnp.exp(-jnp.abs(phi[None, :] - th[:, None]))) - brk, 0.0)
-        return sig, rest, w, brk
-
     def step(cols, block):
-        e, th, om = block
-        sig, rest, w, brk = cells(th)
+        fa, fb, norm_b, th, om, sc = block
+        shift = jnp.where(jnp.isfinite(sc), sc, 0.0)[:, None]
+        qa = jnp.exp(norm_a[None, :].log_q(fa) - shift)  # qA, qB in the row's units
+        qb = jnp.exp(norm_b[:, None].log_q(fb) - shift)
+        e = qa + qb
+        sig, rest, w = sigmoid_parts(th, phi)
+        balance = qb * sig - qa * rest
         ew = e * w
-        col_g, col_d = cols
-        cols = col_g + (e * sig * om[:, None]).sum(axis=0), col_d + (ew * om[:, None]).sum(axis=0)
-        rows = (e * rest).sum(axis=1), ew.sum(axis=1)
+        col_g, col_d, col_m = cols
+        cols = (col_g - (balance * om[:, None]).sum(axis=0), col_d + (ew * om[:, None]).sum(axis=0),
+                col_m + (e * sig * om[:, None]).sum(axis=0))
+        rows = balance.sum(axis=1), ew.sum(axis=1), (e * rest).sum(axis=1)
         if objective:
+            # log(e^th + e^phi) - th - phi = -min(th, phi) + log1p(e^-|th - phi|); 0 on padding rows
+            low = jnp.minimum(th[:, None], phi[None, :])
+            brk = jnp.log1p(jnp.exp(-jnp.abs(phi[None, :] - th[:, None]))) - low
+            brk = jnp.where(jnp.isfinite(th)[:, None], brk, 0.0)
             rows = rows + ((e * brk).sum(axis=1), (e * jnp.abs(brk)).sum(axis=1))
         return cols, rows
 
     zeros = lax.pcast(jnp.zeros(phi.shape), VOCAB_AXIS, to="varying")
-    cols, rows = fold_rows(step, (zeros, zeros), (e, theta, omega), block_rows)
-    row_g, row_d = rows[:2]
-    col_g, col_d = lax.psum(jnp.stack(cols), VOCAB_AXIS)
-    grad, diag = (1 / omega - row_g, 1 - col_g), (row_d, col_d)
-    map_step = (jnp.where(row_g > 0, jnp.log(jnp.where(row_g > 0, row_g, 1.0)) + jnp.log(omega), 0.0),
-                jnp.where(col_g > 0, jnp.log(jnp.where(col_g > 0, col_g, 1.0)), 0.0))
+    cols, rows = fold_rows(step, (zeros, zeros, zeros), (fa, fb, norm_b, theta, omega, scale), block_rows)
+    row_g, row_d, row_m = rows[:3]
+    col_g, col_d, col_m = lax.psum(jnp.stack(cols), VOCAB_AXIS)
+    row_g = jnp.where(valid, row_g, 0.0)
+
+    def log_positive(x):
+        return jnp.where(x > 0, jnp.log(jnp.where(x > 0, x, 1.0)), 0.0)
+
+    map_step = (jnp.where(row_m > 0, log_positive(row_m) + scale, 0.0), log_positive(col_m))
     if not objective:
-        return grad, diag, map_step
-    row_obj, row_mag = (jnp.where(valid, omega * r, 0.0) for r in rows[2:])
+        return (row_g, col_g), (row_d, col_d), map_step
+    row_obj, row_mag = (jnp.where(valid, omega * r, 0.0) for r in rows[3:])
     th = jnp.where(valid, theta, 0.0)
     value = lax.psum(jnp.stack([row_obj.sum() + th.sum(), row_mag.sum() + jnp.abs(th).sum()]), VOCAB_AXIS)
-    return grad, diag, map_step, (value[0] + phi.sum(), value[1] + jnp.abs(phi).sum())
+    return (row_g, col_g), (row_d, col_d), map_step, (value[0] + phi.sum(), value[1] + jnp.abs(phi).sum())
 
 
 def hessian_times(prob, theta, phi, diag, vec, block_rows: int):
