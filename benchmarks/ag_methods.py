@@ -9,21 +9,26 @@ slower per pass in float64 NumPy on 2 cores), and each candidate's passes until 
 L1 residual of AG's map falls below 1e-5, 1e-7 and 1e-9 (None: not within ``--cap``
 passes; plain gets ten times the cap): plain iteration, SQUAREM (3 passes a cycle),
 Anderson (type II) with memory 3, 5 and 8 on log marginals, unweighted and weighted
-by sqrt(p). Prints a table and writes JSON; not a test.
+by sqrt(p), and Newton-CG on AG's convex objective (``newton-cg``, the float64 twin of
+``joints/ag_newton``: its Hessian-vector products count as passes). ``--solvers``
+picks some. Prints a table and writes JSON; not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.lax import Precision
 
 from benchmarks.common import machine, print_table, write_json
 
 TOLS = (1e-5, 1e-7, 1e-9)
+HIGHEST = Precision.HIGHEST  # float64 here, stated all the same
 
 
 class Passes(Exception):
@@ -44,6 +49,12 @@ def counting_map(log_q: np.ndarray, cap: int):
 
     state = {"n": 0, "hit": {}}
 
+    def count(passes: int):
+        """Passes that are not the map's (Newton's Hessian-vector products)."""
+        state["n"] += passes
+        if state["n"] >= cap:
+            raise Passes
+
     def apply(u):
         if state["n"] >= cap:
             raise Passes
@@ -56,7 +67,7 @@ def counting_map(log_q: np.ndarray, cap: int):
             raise Passes
         return fu, r
 
-    return apply, state
+    return apply, count, state
 
 
 def normalised(u, v):
@@ -99,6 +110,59 @@ def anderson(memory: int, weight_power: float):
     return solve
 
 
+def newton_cg(log_q: np.ndarray, count, cg_max: int = 50, cg_rtol: float = 0.01, step_cap: float = 10.0):
+    """Newton's method on AG's convex objective Phi (DESIGN.md §1), as ``joints/ag_newton``
+    runs it in float32: each step one pass (the map, whose pass also gives the gradient
+    and the Hessian's diagonal), then Jacobi-preconditioned CG with one pass per
+    Hessian-vector product (``count``), the step centred and clipped to ``step_cap``
+    nats; a step that raises Phi is replaced by the map's (plain) step."""
+    e = jnp.asarray(np.exp(log_q))
+    alpha, beta = e.sum(1) - 1, e.sum(0) - 1
+    v = e.shape[0]
+
+    @jax.jit
+    def parts(u):
+        th, ph = u[:v], u[v:]
+        sig = jax.nn.sigmoid(th[:, None] - ph[None, :])
+        w = e * sig * (1 - sig)
+        g = jnp.concatenate([(e * sig).sum(1) - alpha, (e * (1 - sig)).sum(0) - beta])
+        value = (e * jnp.logaddexp(th[:, None], ph[None, :])).sum() - (alpha * th).sum() - (beta * ph).sum()
+        return g, jnp.concatenate([w.sum(1), w.sum(0)]), w, value
+
+    @jax.jit
+    def hessian_times(w, diag, x):
+        return diag * x - jnp.concatenate([jnp.dot(w, x[v:], precision=HIGHEST), jnp.dot(x[:v], w, precision=HIGHEST)])
+
+    def solve(apply, u, v):
+        best_value, accepted = np.inf, None
+        while True:
+            fu, _ = apply(u)
+            g, diag, w, value = parts(u)
+            if float(value) > best_value + 1e-12 * abs(best_value):  # Phi rose: back, and the plain step from there
+                u = accepted[1]
+                continue
+            best_value, accepted = float(value), (u, fu)
+            r = -(g - jnp.sum(g) / jnp.sum(diag) * diag)  # without its part along H's null vector
+            z = r / diag
+            d, p, rz0 = jnp.zeros_like(u), z, float((r * z).sum())
+            rz = rz0
+            for _ in range(cg_max):
+                if rz <= cg_rtol**2 * rz0:
+                    break
+                count(1)
+                hp = hessian_times(w, diag, p)
+                a = rz / float((p * hp).sum())
+                d, r = d + a * p, r - a * hp
+                z = r / diag
+                rz_new = float((r * z).sum())
+                p, rz = z + rz_new / rz * p, rz_new
+            t, s = jnp.exp(u[:v]), jnp.exp(u[v:])
+            centre = float((t * d[:v]).sum() + (s * d[v:]).sum()) / 2
+            u = normalised(u + jnp.clip(d - centre, -step_cap, step_cap), v)
+
+    return solve
+
+
 SOLVERS = {
     "plain": plain,
     "squarem": squarem,
@@ -136,14 +200,17 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=2)
     parser.add_argument("--corner", type=int, default=1024)
     parser.add_argument("--cap", type=int, default=600)
+    parser.add_argument("--solvers", default=",".join([*SOLVERS, "newton-cg"]),
+                        help="comma-separated, of: " + ", ".join([*SOLVERS, "newton-cg"]))
     parser.add_argument("--json", default="benchmarks/results/ag_methods.json")
     args = parser.parse_args()
     jax.config.update("jax_enable_x64", True)
     rows = []
     for index, log_q in enumerate(corner_tables(args.pairs, args.corner)):
         v = log_q.shape[0]
-        for name, solver in SOLVERS.items():
-            apply, state = counting_map(log_q, args.cap * (10 if name == "plain" else 1))
+        for name in re.split(r",(?! )", args.solvers):  # (a name's own ", " stays)
+            apply, count, state = counting_map(log_q, args.cap * (10 if name == "plain" else 1))
+            solver = newton_cg(log_q, count) if name == "newton-cg" else SOLVERS[name]
             start = time.perf_counter()
             try:
                 solver(apply, jnp.full(2 * v, -np.log(v)), v)
