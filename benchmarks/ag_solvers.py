@@ -15,10 +15,10 @@ from them: AG with the paper's fixed 40 iterations, and for each solver of
 ``--solvers`` (plain, accelerated) and each tol of ``--tols``,
 ``derive_joint(tables, "ag", tol=..., solver=..., max_iters=--max-iters)`` and its
 ``pair_metrics``. ``--plain-max-sentences K`` runs plain on the first K pairs only: a
-plain run that does not converge uses all of ``--max-iters`` (10,000 passes: 155-175 s
+plain run that does not converge uses all of ``--max-iters`` (10,000 passes: 80-240 s
 per run at V = 4096 on the 2-core CPU VM shared with other jobs, 2026-12-07, so several
 minutes per pair over three tols), and below float32's floor (a few 1e-7) it never
-converges; ``--max-sentences 6 --plain-max-sentences 2`` took 14 minutes there.
+converges; ``--max-sentences 6 --plain-max-sentences 2`` took 14-15 minutes there.
 
 Reported per (solver, tol): table passes (``iters``) and seconds per pair (each
 program compiled before anything is timed; the joint is waited for) as median, 90th

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The CPU runs recorded in benchmarks/RESULTS.md, in one go (about 23 minutes on 2 cores, and
-# 14 more for ag_solvers).
+# 15 more for ag_solvers).
 # JSON goes to benchmarks/results/cpu/; the printed tables to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
