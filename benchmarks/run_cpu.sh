@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The CPU runs recorded in benchmarks/RESULTS.md, in one go (about 23 minutes on 2 cores).
+# The CPU runs recorded in benchmarks/RESULTS.md, in one go (about 23 minutes on 2 cores, and
+# 15 more for ag_solvers).
 # JSON goes to benchmarks/results/cpu/; the printed tables to stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,3 +16,4 @@ $py -m benchmarks.end_to_end --shape default --length 16 32 --json "$out/end_to_
 $py -m benchmarks.end_to_end --shape bert-base-cased --vocab 1024 --length 16 32 --repeats 1 \
     --json "$out/end_to_end_bert_base_v1024.json"
 $py -m benchmarks.buckets --sentences 24 --json "$out/buckets.json"
+$py -m benchmarks.ag_solvers --max-sentences 6 --plain-max-sentences 2 --json "$out/ag_solvers.json"

@@ -178,3 +178,66 @@ def test_ag_methods_benchmark_runs_on_a_tiny_corner(tmp_path):
     rows = json.loads(out.read_text())["results"]
     assert {r["solver"] for r in rows} >= {"plain", "squarem", "anderson m=8, sqrt(p)", "newton-cg"}
     assert all(r["seconds"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_ag_solvers_benchmark_scores_evaluates_pairs_as_derive_joint_does(tmp_path, tiny_word_ckpt):
+    """benchmarks.ag_solvers on a tiny random BERT: evaluate's pairs and its 40-iteration
+    AG numbers, each (solver, tol) run's passes as ``derive_joint`` gives them on the same
+    tables, and summary counts that follow from the rows."""
+    from jaxjoint import derive_joint, load_mlm
+    from jaxjoint.config import resolve_config
+    from jaxjoint.run import evaluate
+    from jaxjoint.sharding import local_mesh
+    from jaxjoint.tables import iter_pair_tables
+
+    out = tmp_path / "solvers.json"
+    tols = (1e-3, 1e-5)
+    run = subprocess.run([sys.executable, "-m", "benchmarks.ag_solvers", "--model", str(tiny_word_ckpt),
+                          "--max-sentences", "2", "--plain-max-sentences", "1", "--tols", ",".join(map(str, tols)),
+                          "--max-iters", "300", "--json", str(out)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    runs = [(r["pair"], r["solver"], r["tol"]) for r in rows]
+    assert runs == [(0, "paper (40 iterations)", None), *((0, s, t) for s in ("plain", "accelerated") for t in tols),
+                    (1, "paper (40 iterations)", None), *((1, "accelerated", t) for t in tols)]
+
+    # The pairs and 40-iteration AG of `jaxjoint evaluate` on the same model and sentences.
+    config = resolve_config({"model": str(tiny_word_ckpt), "max_sentences": 2, "methods": "ag",
+                             "out": str(tmp_path / "run")})
+    evaluate(config, quiet=True)
+    records = [json.loads(line) for line in (tmp_path / "run" / "pairs.jsonl").read_text().splitlines()]
+    papers = [r for r in rows if r["tol"] is None]
+    assert [(r["sentence"], r["positions"]) for r in papers] == [(r["index"], r["positions"]) for r in records]
+    for row, record in zip(papers, records):
+        ag = record["metrics"]["ag"]
+        assert row["iters"] == ag["iters"] == 40 and row["map_passes"] == 40 and row["converged"] is None
+        for key in ("p_nll", "u_nll", "kl_gold", "kl_all", "objective"):
+            assert row[key] == pytest.approx(ag[key], rel=1e-5, abs=1e-7), key
+
+    # Each run to a tol as derive_joint gives it, on the pair's tables built as evaluate builds them.
+    mlm, mesh = load_mlm(str(tiny_word_ckpt)), local_mesh()
+    stream = iter_pair_tables(mlm, [(r["input_ids"], *r["positions"]) for r in records], mesh=mesh, prefetch=0)
+    for record, tables in zip(records, stream):
+        for row in (r for r in rows if r["sentence"] == record["index"] and r["tol"] is not None):
+            info = derive_joint(tables, "ag", mesh=mesh, tol=row["tol"], solver=row["solver"], max_iters=300).info
+            assert (row["iters"], row["map_passes"]) == (info["iters"], info["map_passes"]), row
+            assert row["delta"] == pytest.approx(info["delta"], rel=1e-5)
+            assert row["converged"] == (row["delta"] < row["tol"]) and row["iters"] <= 300
+
+    summary = report["summary"]
+    for entry in summary["runs"]:
+        mine = [r for r in rows if (r["solver"], r["tol"]) == (entry["solver"], entry["tol"])]
+        assert entry["pairs"] == len(mine) and entry["iters_max"] == max(r["iters"] for r in mine)
+        assert entry["converged"] == (None if entry["tol"] is None else sum(r["delta"] < r["tol"] for r in mine))
+    assert [(e["tol"], e["pairs"]) for e in summary["plain_vs_accelerated"]] == [(t, 1) for t in tols]
+    # The fixed point of a pair: its tightest converged accelerated run.
+    for paper in papers:
+        converged = [r["tol"] for r in rows if r["pair"] == paper["pair"] and r["solver"] == "accelerated"
+                     and r["converged"]]
+        if converged:
+            assert paper["reference"] == f"accelerated tol={min(converged):g}"
+    kl_all = next(c for c in summary["change_40_vs_fixed_point"] if c["metric"] == "kl_all")
+    assert kl_all["max_abs"] > 0 and kl_all["max_abs"] >= abs(kl_all["mean_change"])
