@@ -17,8 +17,9 @@ from them: AG with the paper's fixed 40 iterations, and for each solver of
 ``pair_metrics``. ``--plain-max-sentences K`` runs plain on the first K pairs only: a
 plain run that does not converge uses all of ``--max-iters`` (10,000 passes: 80-240 s
 per run at V = 4096 on the 2-core CPU VM shared with other jobs, 2026-12-07, so several
-minutes per pair over three tols), and below float32's floor (a few 1e-7) it never
-converges; ``--max-sentences 6 --plain-max-sentences 2`` took 14-15 minutes there.
+minutes per pair), and below float32's floor (a few 1e-7) it never
+converges (a run that misses one tol is the same run at every tighter one: its row is
+reused, marked ``same_run_as``); ``--max-sentences 6 --plain-max-sentences 2`` took 14-15 minutes there.
 
 Reported per (solver, tol): table passes (``iters``) and seconds per pair (each
 program compiled before anything is timed; the joint is waited for) as median, 90th
@@ -88,9 +89,15 @@ def run_pair(number: int, pair: MaskedPair, tables: PairTables, mesh: Mesh, solv
              max_iters: int) -> list[dict]:
     """One row per AG run on this pair: the paper's 40 iterations, then every (solver, tol)."""
     runs = [(PAPER, None, {"iters": AG_ITERS})]
-    runs += [(s, t, {"tol": t, "solver": s, "max_iters": max_iters}) for s in solvers for t in tols]
-    rows = []
+    runs += [(s, t, {"tol": t, "solver": s, "max_iters": max_iters}) for s in solvers
+             for t in sorted(tols, reverse=True)]
+    rows, missed = [], {}
     for solver, tol, options in runs:
+        if solver in missed:
+            # tol only decides when a run stops: one that never got below a looser tol is,
+            # pass for pass, the same run at a tighter one (not rerun; its row says so)
+            rows.append(dict(missed[solver], tol=tol, same_run_as=f"tol={missed[solver]['tol']:g}"))
+            continue
         joint, seconds = timed_joint(tables, mesh, **options)
         info = joint.info
         row = {"pair": number, "sentence": pair.index, "positions": [pair.a, pair.b], "solver": solver, "tol": tol,
@@ -99,6 +106,8 @@ def run_pair(number: int, pair: MaskedPair, tables: PairTables, mesh: Mesh, solv
         row.update(pair_metrics(tables, joint, pair.gold))
         row["objective"] = float(info["objective"])
         rows.append(row)
+        if row["converged"] is False:
+            missed[solver] = row
     reference = fixed_point(rows)
     rows[0]["reference"] = label(reference) + ("" if reference["converged"] else " (not converged)")
     return rows
