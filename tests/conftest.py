@@ -46,6 +46,20 @@ def sharp_ckpt(tmp_path_factory):
     return sharp_checkpoint(tmp_path_factory.mktemp("sharp_ckpt"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def isolated_plan_cache(tmp_path_factory):
+    """The plan cache on disk (``$JAXJOINT_PLAN_CACHE``) starts empty for the session, as
+    on a clean CI machine: a developer's warm ``~/.cache/jaxjoint/plan`` would hide compile
+    time and could change results. One directory for the session's workers and the child
+    processes they start (they inherit the variable), as they share the home directory
+    on CI."""
+    root = tmp_path_factory.getbasetemp()
+    directory = (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "plan_cache"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JAXJOINT_PLAN_CACHE", str(directory))
+        yield directory
+
+
 @pytest.fixture
 def fresh_plan_cache(monkeypatch):
     """No plan cached on disk or in memory before or after the test: each plan compiles."""

@@ -255,7 +255,10 @@ def test_precision_error_benchmark_reports_every_variant_and_resumes(tmp_path):
     variants = "float32 (GPU),bfloat16,--dtype bfloat16"
     command = [sys.executable, "-m", "benchmarks.precision_error", "--model", "bert-base", "--layers", "1",
                "--vocab", "1040", "--pairs", "1", "--variants", variants, "--out", str(pairs), "--json", str(out)]
-    env = dict(os.environ, XLA_FLAGS="")
+    # The second run (a resume) compiles what the first did: a persistent compilation
+    # cache shared by the two processes, as in test_distributed.
+    env = dict(os.environ, XLA_FLAGS="", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     run = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
