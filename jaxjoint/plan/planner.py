@@ -30,9 +30,9 @@ DEFAULT_LENGTHS = (32,)
 
 
 # AG to a tolerance: the passes a plan assumes per pair unless told (--ag-passes). The
-# accelerated (Newton) solver's median to tol 1e-6 on the embedded model's first 12 pairs
-# was 54.5, max 85 (benchmarks/RESULTS.md, 2026-12-07). Larger vocabularies are not
-# measured yet: planned at 60.
+# accelerated (Newton) solver's median to tol 1e-6 on the embedded model's 300 pairs is
+# 60 (p90 85, max 112); on a V = 8192 random model 126 (benchmarks/RESULTS.md,
+# 2026-12-07/08). Larger vocabularies may need more: pass --ag-passes.
 AG_CONVERGED_PASSES = 60
 
 
