@@ -147,7 +147,7 @@ def test_solvers_reach_the_fixed_point_on_random_checkpoints(family, devices, tm
     """Real MLM tables (tiny random BERT and ESM-2 checkpoints, 1 and 8 devices). Head gain
     3: plain AG converges (1-3k passes) and both solvers agree with each other and with
     the float64 fixed point (``check_against_reference``). Head gain 8 (a trained model's
-    entropy, ~1 nat): plain crawls, and says so (delta above tol after 20,000 passes);
+    entropy, ~1 nat): plain crawls, and says so (delta above 10 tol after 5,000 passes);
     the accelerated solver reaches the float64 fixed point in under 100 passes."""
     from tests.hf_fixtures import make_checkpoint
     from tests.modern_fixtures import make_esm_checkpoint
@@ -167,8 +167,8 @@ def test_solvers_reach_the_fixed_point_on_random_checkpoints(family, devices, tm
         if gain == 3.0:
             check_against_reference(tables, gold, mesh=mesh, same_iterate=False)
             continue
-        plain = derive_joint(tables, "ag", tol=1e-6, max_iters=20_000, solver="plain", mesh=mesh)
-        assert int(plain.info["iters"]) == 20_000 and float(plain.info["delta"]) > 1e-5
+        plain = derive_joint(tables, "ag", tol=1e-6, max_iters=5_000, solver="plain", mesh=mesh)
+        assert int(plain.info["iters"]) == 5_000 and float(plain.info["delta"]) > 1e-5
         fast = derive_joint(tables, "ag", tol=1e-6, solver="accelerated", mesh=mesh)
         assert int(fast.info["iters"]) < 100 and float(fast.info["delta"]) < 1e-6
         raw = raw_of(tables)
