@@ -223,7 +223,8 @@ def test_objective_equals_float64():
         assert phi64(th, ph) >= phi64(*at_best) - 1e-9
 
 
-@pytest.mark.parametrize("scale,seed", [(1.0, 5), (3.0, 6)])
+# (1.0, 5) in the slow tier: the fast tier, at its 3-minute budget, keeps the same path at (3.0, 6)
+@pytest.mark.parametrize("scale,seed", [pytest.param(1.0, 5, marks=pytest.mark.slow), (3.0, 6)])
 def test_newton_falls_back_to_plain_steps_and_still_reaches_the_fixed_point(scale, seed):
     """From a start far from the fixed point (log-marginals spread over ~5 nats), full
     Newton steps raise Phi; each such point is refused for plain AG's step from the last
