@@ -39,18 +39,15 @@ per-pair rows and the summary so far, so an interrupted run keeps its finished p
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from benchmarks.common import machine, print_table
+from benchmarks.common import machine, print_table, write_json
 from jaxjoint.config import DEFAULT_MODEL, EvalConfig, resolve_config
 from jaxjoint.data import MaskedPair
 from jaxjoint.joints import AG_ITERS, AG_MAX_ITERS, AG_SOLVERS, Joint, derive_joint
@@ -184,14 +181,6 @@ def summarise(rows: list[dict]) -> dict[str, Any]:
             "plain_vs_accelerated": agreement}
 
 
-def write_report(path: Path, payload: dict[str, Any]) -> None:
-    """Replace ``path`` whole (written beside it, then renamed): an interrupt leaves the last report."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(payload, indent=2) + "\n")
-    os.replace(partial, path)
-
-
 def show(rows: list[dict]) -> None:
     """``print_table`` of ``rows``, a missing value (the 40-iteration run's tol) as '-'."""
     print_table([{k: "-" if v is None else v for k, v in r.items()} for r in rows], list(rows[0]))
@@ -241,7 +230,7 @@ def main() -> None:
         new = run_pair(number, pair, tables, run.mesh, solvers, args.tols, args.max_iters)
         rows.extend(new)
         payload["summary"] = summarise(rows)
-        write_report(Path(args.json), payload)
+        write_json(args.json, payload, quiet=True)
         print(f"pair {number} (sentence {pair.index}): "
               + ", ".join(f"{label(r)} {r['iters']} passes {r['seconds']:.2f} s" for r in new), flush=True)
 

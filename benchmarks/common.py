@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from jaxjoint.default import MODEL_DIR as DEFAULT_MODEL_DIR
 from jaxjoint.models.config import EncoderConfig, encoder_config_from_hf, shipped_hub_configs
+from jaxjoint.run.rundir import write_atomic
 from jaxjoint.sharding import use_cpu_when_no_accelerator
 
 # With the plan extra installed, JAX would otherwise probe for CUDA and TPUs here and
@@ -117,8 +118,11 @@ def print_table(rows: list[dict[str, Any]], columns: list[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_json(path: str | Path, payload: dict[str, Any]) -> None:
+def write_json(path: str | Path, payload: dict[str, Any], *, quiet: bool = False) -> None:
+    """Replace ``path`` by ``payload`` as JSON (atomically: an interrupted benchmark that
+    rewrites its report as it goes leaves the last whole one); says so unless ``quiet``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    print(f"wrote {path}")
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
+    if not quiet:
+        print(f"wrote {path}")
