@@ -236,13 +236,12 @@ def distance_estimate(prob, theta, phi, budget, block_rows: int):
 
 def normalised_step(theta, phi, d):
     """(theta + d[0], phi + d[1]) shifted so that the rows' marginal sums to 1 (padding
-    rows stay -inf), and whether it is finite."""
+    rows stay -inf)."""
     valid = jnp.isfinite(theta)
     theta = jnp.where(valid, theta + d[0], -jnp.inf)
     phi = phi + d[1]
     shift = logsumexp_across_devices(jax.nn.logsumexp(theta))
-    theta, phi = theta - shift, phi - shift
-    return theta, phi, jnp.isfinite(lax.psum(jnp.where(valid, theta, 0.0).sum(), VOCAB_AXIS) + phi.sum())
+    return theta - shift, phi - shift
 
 
 def newton_solve(prob, theta, phi, max_passes, tol, block_rows: int):
@@ -277,14 +276,14 @@ def newton_solve(prob, theta, phi, max_passes, tol, block_rows: int):
             valid = jnp.isfinite(theta)
             centre = (lax.psum((t * jnp.where(valid, d[0], 0.0)).sum(), VOCAB_AXIS) + (u * d[1]).sum()) / 2
             d = jax.tree.map(lambda d: jnp.clip(d - centre, -STEP_CAP, STEP_CAP), d)
-            new_theta, new_phi, finite = normalised_step(theta, phi, d)
-            plain_theta, plain_phi, _ = normalised_step(theta, phi, map_step)
-            return (jnp.where(finite, new_theta, plain_theta), jnp.where(finite, new_phi, plain_phi),
-                    delta, k, ~finite)
+            # (clipped, a step is finite unless NaN; NaN anywhere makes this sum NaN)
+            finite = jnp.isfinite(lax.psum(jnp.where(valid, d[0], 0.0).sum(), VOCAB_AXIS) + d[1].sum())
+            d = jax.tree.map(lambda d, m: jnp.where(finite, d, m), d, map_step)
+            return (*normalised_step(theta, phi, d), delta, k, ~finite)
 
         def fall_back():
-            back_theta, back_phi, _ = normalised_step(s["ref_theta"], s["ref_phi"], s["ref_step"])
-            return back_theta, back_phi, s["delta"], jnp.int32(0), jnp.bool_(True)
+            return (*normalised_step(s["ref_theta"], s["ref_phi"], s["ref_step"]), s["delta"], jnp.int32(0),
+                    jnp.bool_(True))
 
         new_theta, new_phi, delta, k, fell_back = lax.cond(raised, fall_back, newton)
         improved = (delta < 0.5 * s["best"]) | (s["best"] > LOCAL)
