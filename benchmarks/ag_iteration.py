@@ -2,14 +2,15 @@
 
     python -m benchmarks.ag_iteration [--vocab 4096] [--json PATH]
 
-One pass (``ag.iteration_sums``: the row and column sums of one AG map, on the
-loop-invariant table, at fixed marginals) is timed alone, beside the previous
-pass (kept here as ``previous_pass``: a row-scaled table whose column sums weight
-every cell, XLA's column reduction, blocks of 2^18 cells), a large array copy and
-(CPU) the pass's arithmetic on one cache-resident block (``cached_block_pass``: what
-a pass costs when reading the table is free), interleaved round by round with the
-same warm-up and repeats, so that all of them see the same load. Its bytes are one
-read of the float32 table, 4 V^2. jaxjoint's iteration (``derive_joint(..., "ag")``) reads one V x V table,
+One pass (``ag.one_pass``: the row and column sums of one AG map, on the
+loop-invariant table, at fixed marginals, as AG's loop runs it) is timed alone: on
+CPU by the compiled kernel (``joints/cpu_pass.cc``) and by XLA's row blocks (the
+baseline: what ran before the kernel, and what runs without a C++ compiler),
+beside a large array copy and XLA's arithmetic of the pass on one cache-resident
+block (``cached_block_pass``: what XLA's pass costs when reading the table is
+free), interleaved round by round with the same warm-up and repeats, so that all
+of them see the same load. Its bytes are one read of the float32 table, 4 V^2.
+jaxjoint's iteration (``derive_joint(..., "ag")``) reads one V x V table,
 qA + qB (row-scaled), built once per pair from the two conditional tables, and keeps only
 the two marginals; its time per iteration is the difference between runs of
 ``1 + n`` and ``1`` iterations divided by ``n`` (the set-up work common to both
@@ -25,6 +26,7 @@ Prints a table and writes JSON; not a test.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -34,80 +36,35 @@ import numpy as np
 
 from benchmarks.common import machine, measured_bandwidth, print_table, write_json
 from jaxjoint.joints import ag, derive_joint, resolve_mesh
-from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
 from jaxjoint.joints.streaming import (
     REPLICATED,
     ROWS,
     default_block_rows,
-    fold_rows,
-    local_row_col_lse,
-    logsumexp_across_devices,
     normalisers,
     shard,
 )
-from jaxjoint.sharding import VOCAB_AXIS
 from jaxjoint.tables import tables_from_logits
 
 
-def previous_table(fa, fb, norm_a, norm_b):
-    """The previous loop-invariant table: qA + qB = E[a, b] e^s[a], each row of E
-    scaled to a maximum of 1 (float32[n, V], float32[n])."""
-    log_qa, log_qb = norm_a[None, :].log_q(fa), norm_b[:, None].log_q(fb)
-    hi, lo = jnp.maximum(log_qa, log_qb), jnp.minimum(log_qa, log_qb)
-    log_s = hi + jnp.log(1 + exp_gap(lo, hi))
-    row_max = log_s.max(axis=1)
-    return jnp.exp(log_s - neg_inf_to_zero(row_max)[:, None]), row_max
-
-
-def previous_pass(table, log_pa, log_pb, block_rows: int):
-    """The previous pass's sums (no underflow check): per block of rows, the cells
-    E / (u + w), their row sums and their column sums weighted by e^(s - max s)
-    (XLA's column reduction). Returns (row lse float32[n], column lse float32[V])."""
-    e, s = table
-    c = log_pb.max()
-    w = jnp.exp(c - log_pb)
-    s_max = neg_inf_to_zero(s.max())
-    weight = jnp.exp(s - s_max)
-
-    def step(col_sum, block):
-        e, log_pa, weight = block
-        x = e / (jnp.exp(c - log_pa)[:, None] + w[None, :])
-        return col_sum + (x * weight[:, None]).sum(axis=0), x.sum(axis=1)
-
-    init = jax.lax.pcast(jnp.zeros(w.shape), VOCAB_AXIS, to="varying")
-    col_sum, row_sum = fold_rows(step, init, (e, log_pa, weight), block_rows)
-    return jnp.log(row_sum) + s + c, logsumexp_across_devices(jnp.log(col_sum) + s_max + c)
-
-
 def pass_programs(tables, block_rows: int):
-    """Jitted (new pass, previous pass) on one device: each takes (log pA [V], log pB
-    [V]) and returns (row lse, column lse); their tables are built once, here."""
+    """Jitted (kernel pass, XLA pass) on one device: ``ag.one_pass`` as AG's loop runs
+    it on CPU, by the compiled kernel and by XLA's row blocks (what runs without a C++
+    compiler, and what ran before the kernel); each takes (log pA [V], log pB [V])
+    and returns (row lse, column lse). The table is built once, here."""
     mesh = resolve_mesh(tables, None)
     norm_a, norm_b = normalisers(tables)
     fa, fb = tables.logits_a, tables.logits_b
-    pass_rows = ag.pass_block_rows(mesh, tables.vocab_size)
-    specs = (ROWS, ROWS, ROWS, REPLICATED)
 
     def new_table(fa, fb, norm_b, norm_a):
         return ag.invariant_table(fa, fb, norm_a, norm_b)
 
-    def old_table(fa, fb, norm_b, norm_a):
-        return previous_table(fa, fb, norm_a, norm_b)
+    table = jax.jit(shard(mesh, new_table, (ROWS, ROWS, ROWS, REPLICATED), (ROWS, ROWS)))(fa, fb, norm_b, norm_a)
 
-    new = jax.jit(shard(mesh, new_table, specs, (ROWS, ROWS)))(fa, fb, norm_b, norm_a)
-    old = jax.jit(shard(mesh, old_table, specs, (ROWS, ROWS)))(fa, fb, norm_b, norm_a)
+    def program(kernel: bool):
+        run = jax.jit(functools.partial(ag.one_pass, mesh, block_rows, kernel=kernel))
+        return lambda lp_a, lp_b: run(table, fa, fb, norm_a, norm_b, lp_a, lp_b)
 
-    def one_pass(table, fa, fb, norm_b, log_pa, norm_a, log_pb):
-        def exact():
-            return local_row_col_lse(block_cell("ag"), (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
-        return ag.iteration_sums(table, log_pa, log_pb, exact, pass_rows)
-
-    run_new = jax.jit(shard(mesh, one_pass, ((ROWS, ROWS),) + specs[:3] + (ROWS, REPLICATED, REPLICATED),
-                            (ROWS, REPLICATED)))
-    run_old = jax.jit(shard(mesh, lambda t, lp_a, lp_b: previous_pass(t, lp_a, lp_b, block_rows),
-                            ((ROWS, ROWS), ROWS, REPLICATED), (ROWS, REPLICATED)))
-    return (lambda lp_a, lp_b: run_new(new, fa, fb, norm_b, lp_a, norm_a, lp_b),
-            lambda lp_a, lp_b: run_old(old, lp_a, lp_b), pass_rows)
+    return program(True), program(False), ag.pass_block_rows(mesh, tables.vocab_size)
 
 
 def cached_block_pass(v: int, block_rows: int):
@@ -198,12 +155,12 @@ def per_iteration(run, extra: int, repeats: int) -> float:
 
 
 def time_one_pass(tables, block_rows: int, rounds: int) -> tuple[dict, float, float, int | None]:
-    """(median seconds of the pass, the previous pass, the copy and, on CPU, the
-    pass's cache-resident arithmetic; the copy's bytes/s; the largest |difference|
+    """(median seconds of the kernel pass, XLA's pass, the copy and, on CPU, XLA's
+    cache-resident arithmetic; the copy's bytes/s; the largest |difference|
     between the two passes' logsumexps; the pass's block rows). The tables built
     here are freed on return, before the dense baselines."""
     v = tables.vocab_size
-    new_pass, old_pass, pass_rows = pass_programs(tables, block_rows)
+    kernel_pass, xla_pass, pass_rows = pass_programs(tables, block_rows)
     rng = np.random.default_rng(0)  # marginals of a mid-run iterate: random, within float32's easy range
     log_pa = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
     log_pb = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
@@ -215,12 +172,12 @@ def time_one_pass(tables, block_rows: int, rounds: int) -> tuple[dict, float, fl
         buffer[0] = scale(buffer[0])
         return buffer[0]
 
-    fns = {"new": lambda: new_pass(log_pa, log_pb), "old": lambda: old_pass(log_pa, log_pb), "copy": copy}
+    fns = {"kernel": lambda: kernel_pass(log_pa, log_pb), "xla": lambda: xla_pass(log_pa, log_pb), "copy": copy}
     if pass_rows is not None:
         fns["cached"] = cached_block_pass(v, min(pass_rows, v))
     passes = interleaved(fns, rounds)
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
-               for a, b in zip(new_pass(log_pa, log_pb), old_pass(log_pa, log_pb)))
+               for a, b in zip(kernel_pass(log_pa, log_pb), xla_pass(log_pa, log_pb)))
     return passes, 2 * copy_bytes / passes["copy"], diff, pass_rows
 
 
@@ -278,9 +235,9 @@ def main() -> None:
     pass_rows_out = [
         {"pass": name, "ms": 1e3 * passes[key], "bytes": fused_bytes, "GB_per_s": fused_bytes / passes[key] / 1e9,
          "fraction_of_copy_bw": fused_bytes / passes[key] / pass_bandwidth}
-        for name, key in (("jaxjoint pass", "new"), ("previous pass", "old"),
-                          ("its arithmetic, cache-resident", "cached")) if key in passes]
-    print(f"One pass, V = {v} (pass block {pass_rows} rows; previous: {block_rows}), copy bandwidth "
+        for name, key in (("jaxjoint pass (CPU: compiled kernel)", "kernel"), ("XLA's pass (row blocks)", "xla"),
+                          ("XLA's arithmetic, cache-resident", "cached")) if key in passes]
+    print(f"One pass, V = {v} (XLA's pass in blocks of {pass_rows} rows), copy bandwidth "
           f"{pass_bandwidth / 1e9:.4g} GB/s in the same rounds; max |lse difference| {pass_diff:.2g}")
     print_table(pass_rows_out, list(pass_rows_out[0]))
     rows = [
@@ -302,11 +259,11 @@ def main() -> None:
             "extra_iterations": args.extra,
             "repeats": args.repeats,
             "copy_bandwidth_bytes_per_s": bandwidth,
-            "pass": {"block_rows": pass_rows, "previous_block_rows": block_rows, "rounds": args.rounds,
-                     "copy_bandwidth_bytes_per_s": pass_bandwidth, "s_per_pass": passes["new"],
-                     "previous_s_per_pass": passes["old"], "cache_resident_s_per_pass": passes.get("cached"),
-                     "fraction_of_copy_bandwidth": fused_bytes / passes["new"] / pass_bandwidth,
-                     "previous_fraction_of_copy_bandwidth": fused_bytes / passes["old"] / pass_bandwidth,
+            "pass": {"xla_block_rows": pass_rows, "rounds": args.rounds,
+                     "copy_bandwidth_bytes_per_s": pass_bandwidth, "s_per_pass": passes["kernel"],
+                     "xla_s_per_pass": passes["xla"], "xla_cache_resident_s_per_pass": passes.get("cached"),
+                     "fraction_of_copy_bandwidth": fused_bytes / passes["kernel"] / pass_bandwidth,
+                     "xla_fraction_of_copy_bandwidth": fused_bytes / passes["xla"] / pass_bandwidth,
                      "max_abs_lse_difference": pass_diff, "results": pass_rows_out},
             "s_per_iter": {"jaxjoint": fused, "dense": dense, "dense_log": dense_log},
             "speedup_vs_dense": dense / fused,

@@ -143,8 +143,8 @@ def test_ag_iteration_benchmark_runs_on_tiny_tables(tmp_path):
     assert report["vocab"] == 64 and report["copy_bandwidth_bytes_per_s"] > 0
     assert {r["implementation"] for r in report["results"]} >= {"jaxjoint (streaming, one table)"}
     assert report["max_abs_difference"]["dense_log"] < 1e-4
-    # one pass, against the previous pass at the same marginals (row and column logsumexps)
-    assert report["pass"]["s_per_pass"] > 0 and report["pass"]["previous_s_per_pass"] > 0
+    # one pass by the compiled kernel, against XLA's pass at the same marginals (row and column logsumexps)
+    assert report["pass"]["s_per_pass"] > 0 and report["pass"]["xla_s_per_pass"] > 0
     assert report["pass"]["max_abs_lse_difference"] < 1e-4
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,7 @@ from jax import lax
 from scipy.special import logsumexp
 
 from jaxjoint.errors import UserError
-from jaxjoint.joints import METHODS, ag, cells, derive_joint, objective, streaming
+from jaxjoint.joints import METHODS, ag, cells, cpu_pass, derive_joint, objective, streaming
 from jaxjoint.sharding import make_mesh, padded_size, replicated, row_sharding
 from tests.references import (
     SCALES,
@@ -165,7 +167,8 @@ def test_fixed_count_is_the_papers():
     assert int(derive_joint(raw.tables(), "ag").info["iters"]) == 40
 
 
-def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True, block_rows: int | None = 3):
+def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True, block_rows: int | None = 3,
+            kernel: bool = True):
     """One pass of AG's loop (``ag.iteration_sums``) at the marginals given:
     (row logsumexps [Vp], column logsumexps [V]) of its unnormalised cells. Without
     ``fallback`` the exact log-space recomputation returns NaN, so that a result
@@ -184,7 +187,7 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True, b
             return (row, col) if fallback else (row * jnp.nan, col * jnp.nan)
 
         table = ag.invariant_table(fa, fb, norm_a, norm_b)
-        return ag.iteration_sums(table, log_pa, log_pb, exact, block_rows=block_rows)
+        return ag.iteration_sums(table, log_pa, log_pb, exact, block_rows=block_rows, kernel=kernel)
 
     norm_a, norm_b = streaming.normalisers(tables)
     fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(rows, rows, rows, repl, rows, repl),
@@ -192,13 +195,17 @@ def ag_pass(raw: Raw, log_pa, log_pb, mesh, vp: int, *, fallback: bool = True, b
     return fn(tables.logits_a, tables.logits_b, norm_b, norm_a, log_pa, jnp.asarray(log_pb, jnp.float32))
 
 
-@pytest.mark.parametrize("block_rows", [3, None])
+@pytest.mark.parametrize("layout", ["kernel", "xla blocks", "whole"])
 @pytest.mark.parametrize("devices", [pytest.param(1, marks=pytest.mark.slow), 8])
-def test_ag_pass_in_and_beyond_float32_range(devices, block_rows, monkeypatch):
+def test_ag_pass_in_and_beyond_float32_range(devices, layout, monkeypatch):
     """Marginals within e^-3 of each other: the probability-space pass alone is
     exact. A marginal of e^-150 at row 7, then also e^-200 at column 5: their
     cells underflow there, the pass detects each and recomputes in log space;
-    without that recomputation row 7 and column 5 are lost."""
+    without that recomputation row 7 and column 5 are lost. Layouts: CPU's
+    compiled kernel, XLA's row blocks (CPU without a compiler), the whole local
+    table (GPU, TPU)."""
+    assert cpu_pass.available()
+    block_rows = None if layout == "whole" else 3
     v = 33
     mesh = make_mesh(jax.devices()[:devices])
     vp = padded_size(v, mesh)
@@ -213,14 +220,15 @@ def test_ag_pass_in_and_beyond_float32_range(devices, block_rows, monkeypatch):
         assert_close(np.asarray(row_lse)[:v], logsumexp(cells, axis=1), rtol=1e-6)
         assert_close(col_lse, logsumexp(cells, axis=0), rtol=1e-6)
 
-    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, fallback=False, block_rows=block_rows))
+    run = functools.partial(ag_pass, raw, mesh=mesh, vp=vp, block_rows=block_rows, kernel=layout == "kernel")
+    check(*run(log_pa, log_pb, fallback=False))
     log_pa[7] = -150.0
-    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, block_rows=block_rows))
+    check(*run(log_pa, log_pb))
     log_pb[5] = -200.0
-    check(*ag_pass(raw, log_pa, log_pb, mesh, vp, block_rows=block_rows))
+    check(*run(log_pa, log_pb))
 
     monkeypatch.setattr(ag, "_TRUST", 0.0)  # trust every sum: never recompute
-    row_lse, col_lse = ag_pass(raw, log_pa, log_pb, mesh, vp, block_rows=block_rows)
+    row_lse, col_lse = run(log_pa, log_pb)
     assert not np.isfinite(np.asarray(row_lse)[7]) and not np.isfinite(np.asarray(col_lse)[5])
 
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxjoint.errors import UserError
-from jaxjoint.joints import ag_newton
+from jaxjoint.joints import ag_newton, cpu_pass
 from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
 from jaxjoint.joints.streaming import (
     REPLICATED,
@@ -100,21 +100,24 @@ def pass_block_rows(mesh, vocab: int) -> int | None:
     return max(1, PASS_BLOCK_CELLS // vocab)
 
 
-def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | None):
+def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | None, *, kernel: bool = True):
     """One AG pass, inside ``shard_map``: (row logsumexps of the local rows
     float32[n], column logsumexps over all devices float32[V]) of
     ``p~(a, b) = (qA + qB) / (1/pA + 1/pB)``.
 
     table: ``invariant_table``'s (E float32[n, V], s float32[n]); log_pa float32[n],
     log_pb float32[V]. block_rows: rows per block (CPU), or None: the whole local
-    table at once (GPU, TPU; ``pass_block_rows``).
+    table at once (GPU, TPU; ``pass_block_rows``). On CPU, ``kernel`` runs the pass
+    as the compiled kernel of ``cpu_pass`` (one read of E) where it is available,
+    else as XLA's row blocks.
 
     In probability space, scaled so that nothing overflows: with c = max log pB,
     u = e^(c - log pA) >= 1/V and w = e^(c - log pB) >= 1,
     ``p~ = E[a, b] / (u[a] + w[b]) x e^(s[a] + c)``, every term of the sums at
     most 1: a division per cell, no transcendental. The column sums weight row a by
-    e^(s[a] - max s). By blocks (CPU), a block's cells are computed once and summed
-    along rows and (weighted) along columns by XLA's reductions. Whole (GPU, TPU), the
+    e^(s[a] - max s). On CPU the kernel computes each cell once, in registers, and
+    adds it to its row's and (weighted) its column's sum; by XLA's row blocks, a
+    block's cells are computed once into a buffer that XLA's reductions read. Whole (GPU, TPU), the
     weight goes into every cell first, so that both sums sum the same cells: XLA then
     fuses the cells into the two reductions and reads E once (TPU: one fusion; with
     two different cells for the two sums a GPU would write them out), and a row's sum
@@ -138,6 +141,9 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
         col_sum, scaled_row_sum = x.sum(axis=0), x.sum(axis=1)
         # the row sums in their rows' own scales (each row's largest cell 1, as by blocks)
         row_sum = scaled_row_sum * jnp.exp(s_max - neg_inf_to_zero(s))
+    elif kernel and cpu_pass.available():
+        row_sum, col_sum = cpu_pass.pass_sums(e, u, w, weight)
+        scaled_row_sum = row_sum
     else:
         def step(col_sum, block):
             e, u, weight = block
@@ -168,7 +174,8 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     return lax.cond(trusted, lambda: (jnp.log(row_sum) + s + c, col_lse), redo)
 
 
-def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_pb, *, fallback: bool = True):
+def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_pb, *, fallback: bool = True,
+             kernel: bool = True):
     """One AG pass on ``mesh`` as the loop runs it (``iteration_sums``, with its
     log-space fall-back): (row logsumexps float32[Vp], column logsumexps float32[V]).
     Without ``fallback`` the log-space recomputation is NaN: the probability-space
@@ -188,7 +195,7 @@ def one_pass(mesh, block_rows: int, table, fa, fb, norm_a, norm_b, log_pa, log_p
                 return jnp.full_like(log_pa, jnp.nan), jnp.full_like(log_pb, jnp.nan)
             return local_row_col_lse(cell, (fa, fb, norm_b, log_pa), (norm_a, log_pb), block_rows)
 
-        return iteration_sums((e, s), log_pa, log_pb, exact, pass_rows)
+        return iteration_sums((e, s), log_pa, log_pb, exact, pass_rows, kernel=kernel)
 
     specs = (ROWS,) * 6 + (REPLICATED, REPLICATED)
     e, s = table
