@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxjoint.errors import UserError
-from jaxjoint.joints import ag_newton, cpu_pass
+from jaxjoint.joints import ag_newton, cpu_pass, gpu_pass
 from jaxjoint.joints.cells import block_cell, exp_gap, neg_inf_to_zero
 from jaxjoint.joints.streaming import (
     REPLICATED,
@@ -137,10 +137,18 @@ def iteration_sums(table, log_pa, log_pb, exact: Callable, block_rows: int | Non
     weight = jnp.exp(s - s_max)  # per row, for the column sums; 0 on padding
     u = jnp.exp(c - log_pa)
     if block_rows is None:
-        x = e * (weight[:, None] / (u[:, None] + w[None, :]))
-        col_sum, scaled_row_sum = x.sum(axis=0), x.sum(axis=1)
-        # the row sums in their rows' own scales (each row's largest cell 1, as by blocks)
-        row_sum = scaled_row_sum * jnp.exp(s_max - neg_inf_to_zero(s))
+        def whole(e, u, w, weight):
+            x = e * (weight[:, None] / (u[:, None] + w[None, :]))
+            col_sum, scaled_row_sum = x.sum(axis=0), x.sum(axis=1)
+            # the row sums in their rows' own scales (each row's largest cell 1, as by blocks)
+            return scaled_row_sum * jnp.exp(s_max - neg_inf_to_zero(s)), col_sum, scaled_row_sum
+
+        def gpu_kernel(e, u, w, weight):
+            row_sum, col_sum = gpu_pass.pass_sums(e, u, w, weight)
+            return row_sum, col_sum, row_sum
+
+        branches = {"cuda": gpu_kernel} if kernel else {}
+        row_sum, col_sum, scaled_row_sum = lax.platform_dependent(e, u, w, weight, default=whole, **branches)
     elif kernel and cpu_pass.available():
         row_sum, col_sum = cpu_pass.pass_sums(e, u, w, weight)
         scaled_row_sum = row_sum
