@@ -7,7 +7,8 @@ loop-invariant table, at fixed marginals, as AG's loop runs it) is timed alone: 
 jaxjoint's kernel (CPU: ``joints/cpu_pass.cc``; NVIDIA GPU: ``joints/gpu_pass.py``)
 and by XLA (the baseline: what ran before the kernels, and on CPU what runs without
 a C++ compiler; row blocks on CPU, the whole table on GPU),
-beside a large array copy and XLA's arithmetic of the pass on one cache-resident
+beside a large array copy, a bare read of the table (XLA's sum of it: what any
+pass over it costs at least) and XLA's arithmetic of the pass on one cache-resident
 block (``cached_block_pass``: what XLA's pass costs when reading the table is
 free), interleaved round by round with the same warm-up and repeats, so that all
 of them see the same load. Its bytes are one read of the float32 table, 4 V^2.
@@ -48,8 +49,9 @@ from jaxjoint.tables import tables_from_logits
 
 
 def pass_programs(tables, block_rows: int):
-    """Jitted (kernel pass, XLA pass) on one device: ``ag.one_pass`` as AG's loop runs
-    it, by jaxjoint's kernel and by XLA alone; each takes (log pA [V], log pB [V])
+    """Jitted (kernel pass, XLA pass, bare read) on one device: ``ag.one_pass`` as AG's
+    loop runs it, by jaxjoint's kernel and by XLA alone, and XLA's sum of the table
+    (no arithmetic: what reading it costs); the passes take (log pA [V], log pB [V])
     and returns (row lse, column lse). The table is built once, here."""
     mesh = resolve_mesh(tables, None)
     norm_a, norm_b = normalisers(tables)
@@ -64,7 +66,8 @@ def pass_programs(tables, block_rows: int):
         run = jax.jit(functools.partial(ag.one_pass, mesh, block_rows, kernel=kernel))
         return lambda lp_a, lp_b: run(table, fa, fb, norm_a, norm_b, lp_a, lp_b)
 
-    return program(True), program(False), ag.pass_block_rows(mesh, tables.vocab_size)
+    read = jax.jit(lambda e: e.sum())  # a bare read of the table: the ceiling of any pass
+    return program(True), program(False), lambda: read(table[0]), ag.pass_block_rows(mesh, tables.vocab_size)
 
 
 def cached_block_pass(v: int, block_rows: int):
@@ -160,7 +163,7 @@ def time_one_pass(tables, block_rows: int, rounds: int) -> tuple[dict, float, fl
     between the two passes' logsumexps; the pass's block rows). The tables built
     here are freed on return, before the dense baselines."""
     v = tables.vocab_size
-    kernel_pass, xla_pass, pass_rows = pass_programs(tables, block_rows)
+    kernel_pass, xla_pass, read, pass_rows = pass_programs(tables, block_rows)
     rng = np.random.default_rng(0)  # marginals of a mid-run iterate: random, within float32's easy range
     log_pa = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
     log_pb = jnp.asarray(np.log(rng.dirichlet(np.ones(v))), jnp.float32)
@@ -172,7 +175,8 @@ def time_one_pass(tables, block_rows: int, rounds: int) -> tuple[dict, float, fl
         buffer[0] = scale(buffer[0])
         return buffer[0]
 
-    fns = {"kernel": lambda: kernel_pass(log_pa, log_pb), "xla": lambda: xla_pass(log_pa, log_pb), "copy": copy}
+    fns = {"kernel": lambda: kernel_pass(log_pa, log_pb), "xla": lambda: xla_pass(log_pa, log_pb), "read": read,
+           "copy": copy}
     if pass_rows is not None:
         fns["cached"] = cached_block_pass(v, min(pass_rows, v))
     passes = interleaved(fns, rounds)
@@ -236,6 +240,7 @@ def main() -> None:
         {"pass": name, "ms": 1e3 * passes[key], "bytes": fused_bytes, "GB_per_s": fused_bytes / passes[key] / 1e9,
          "fraction_of_copy_bw": fused_bytes / passes[key] / pass_bandwidth}
         for name, key in (("jaxjoint pass (kernel)", "kernel"), ("XLA's pass", "xla"),
+                          ("a bare read of the table (XLA's sum)", "read"),
                           ("XLA's arithmetic, cache-resident", "cached")) if key in passes]
     print(f"One pass, V = {v} (XLA's pass in blocks of {pass_rows} rows; None: whole), copy bandwidth "
           f"{pass_bandwidth / 1e9:.4g} GB/s in the same rounds; max |lse difference| {pass_diff:.2g}")
@@ -262,6 +267,8 @@ def main() -> None:
             "pass": {"xla_block_rows": pass_rows, "rounds": args.rounds,
                      "copy_bandwidth_bytes_per_s": pass_bandwidth, "s_per_pass": passes["kernel"],
                      "xla_s_per_pass": passes["xla"], "xla_cache_resident_s_per_pass": passes.get("cached"),
+                     "read_s": passes["read"],
+                     "read_fraction_of_copy_bandwidth": fused_bytes / passes["read"] / pass_bandwidth,
                      "fraction_of_copy_bandwidth": fused_bytes / passes["kernel"] / pass_bandwidth,
                      "xla_fraction_of_copy_bandwidth": fused_bytes / passes["xla"] / pass_bandwidth,
                      "max_abs_lse_difference": pass_diff, "results": pass_rows_out},

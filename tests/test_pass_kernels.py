@@ -5,7 +5,9 @@ kernel (``jaxjoint/joints/gpu_pass.py``) in Pallas's interpreter."""
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import platform
 import shutil
 
 import jax
@@ -46,6 +48,25 @@ def test_kernel_sums_equal_float64(n, v):
     assert cpu_pass.available()
     args = inputs(n, v, seed=n + v)
     row, col = jax.jit(cpu_pass.pass_sums)(*args)
+    row64, col64 = float64_sums(*args)
+    np.testing.assert_allclose(np.asarray(row), row64, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(np.asarray(col), col64, rtol=1e-6, atol=0)
+
+
+@pytest.mark.slow
+def test_portable_loop_equals_float64(tmp_path, monkeypatch):
+    """The kernel's loop for CPUs without AVX-512 (built here for x86-64-v3, AVX2: the
+    same source's other branch), registered under its own name."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 only: elsewhere the portable loop is the one every test above runs")
+    monkeypatch.setenv("JAXJOINT_KERNEL_CACHE", str(tmp_path))
+    flags = tuple("-march=x86-64-v3" if f == "-march=native" else f for f in cpu_pass._FLAGS)
+    library = ctypes.cdll.LoadLibrary(str(cpu_pass._build(shutil.which("c++") or shutil.which("g++"), flags)))
+    jax.ffi.register_ffi_target("jaxjoint_ag_pass_portable", jax.ffi.pycapsule(library.JaxjointAgPass),
+                                platform="cpu")
+    args = inputs(130, 1100, seed=4)
+    out = (jax.ShapeDtypeStruct((130,), jnp.float32), jax.ShapeDtypeStruct((1100,), jnp.float32))
+    row, col = jax.jit(jax.ffi.ffi_call("jaxjoint_ag_pass_portable", out))(*args)
     row64, col64 = float64_sums(*args)
     np.testing.assert_allclose(np.asarray(row), row64, rtol=1e-6, atol=0)
     np.testing.assert_allclose(np.asarray(col), col64, rtol=1e-6, atol=0)

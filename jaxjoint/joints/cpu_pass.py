@@ -48,16 +48,16 @@ def _cpu_identity() -> str:
     return "\n".join(dict.fromkeys(keep))
 
 
-def _build(compiler: str) -> Path:
+def _build(compiler: str, flags: tuple[str, ...] = _FLAGS) -> Path:
     """The kernel's shared library, compiled now unless a build for this source,
-    compiler and CPU is already cached. Raises ``RuntimeError`` with the compiler's
-    message when the build fails."""
+    compiler, flags and CPU is already cached. Raises ``RuntimeError`` with the
+    compiler's message when the build fails."""
     include = jax.ffi.include_dir()
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
     key = hashlib.sha256()
     for part in (SOURCE.read_bytes(), Path(include, "xla/ffi/api/ffi.h").read_bytes(),
                  Path(include, "xla/ffi/api/c_api.h").read_bytes(), version.encode(),
-                 " ".join(_FLAGS).encode(), _cpu_identity().encode()):
+                 " ".join(flags).encode(), _cpu_identity().encode()):
         key.update(hashlib.sha256(part).digest())
     directory = cache_dir()
     try:
@@ -71,7 +71,7 @@ def _build(compiler: str) -> Path:
     # A private name, then an atomic rename: processes building at once never load
     # each other's half-written file.
     partial = library.with_suffix(f".{os.getpid()}.tmp")
-    result = subprocess.run([compiler, *_FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)],
+    result = subprocess.run([compiler, *flags, f"-I{include}", str(SOURCE), "-o", str(partial)],
                             capture_output=True, text=True)
     if result.returncode != 0:
         partial.unlink(missing_ok=True)
