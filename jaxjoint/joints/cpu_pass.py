@@ -14,13 +14,13 @@ XLA's own (``ag.iteration_sums``' blocked branch), with a one-line warning.
 from __future__ import annotations
 
 import ctypes
-import functools
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 import warnings
 from pathlib import Path
 
@@ -81,7 +81,10 @@ def _build(compiler: str, flags: tuple[str, ...] = _FLAGS) -> Path:
     return library
 
 
-@functools.cache
+_LOCK = threading.Lock()
+_LOADED: list[bool] = []  # the outcome of the one attempt to build and register it
+
+
 def available() -> bool:
     """Whether the kernel is built and registered with XLA:CPU (once per process).
 
@@ -91,6 +94,15 @@ def available() -> bool:
     """
     if os.environ.get("JAXJOINT_CPU_KERNEL", "").lower() in ("0", "off", "false", "no"):
         return False
+    with _LOCK:  # threads tracing at once build and register the kernel once
+        if not _LOADED:
+            _LOADED.append(_load())
+        return _LOADED[0]
+
+
+def _load() -> bool:
+    """Build (or find) the kernel and register it with XLA:CPU; False with a warning
+    where that fails."""
     candidates = [os.environ.get("CXX"), "c++", "g++", "clang++"]
     compiler = next((found for c in candidates if c and (found := shutil.which(c))), None)
     if compiler is None:
