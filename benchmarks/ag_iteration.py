@@ -203,6 +203,9 @@ def main() -> None:
     block_rows = args.block_rows or default_block_rows(tables, None)
 
     passes, pass_bandwidth, pass_diff, pass_rows = time_one_pass(tables, block_rows, args.rounds)
+    if not pass_diff <= 1e-4:  # (also NaN) the kernel is wrong here: its time would mean nothing
+        raise SystemExit(f"ag_iteration: jaxjoint's pass and XLA's differ by {pass_diff:.3g} in a logsumexp "
+                         "(at most 1e-4 expected)")
 
     bandwidth = measured_bandwidth()
     fused = per_iteration(
