@@ -10,7 +10,9 @@
 #                       rate in each arithmetic and the plan's roofline estimate
 #   4. end_to_end.json  one bert-base pair end to end (tables, five joints, metrics) in
 #                       float32 and --dtype bfloat16
-#   5. ag_iteration.json one AG iteration at V = 28,996 against the memory bandwidth
+#   5. ag_iteration.json one AG iteration at V = 28,996 against the memory bandwidth, and one
+#                       pass by jaxjoint's Pallas kernel against XLA's (the step fails if
+#                       their sums differ by more than 1e-4: the kernel's first run on a GPU)
 #   log.txt             every step's output, its exit status and seconds
 # Run from the repository root, installing nothing, under a python3 that has jax with its
 # CUDA plugin, flax, optax, transformers, a CUDA torch, safetensors, tokenizers and pyyaml
