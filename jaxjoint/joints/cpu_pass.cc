@@ -37,10 +37,11 @@ namespace {
 constexpr int64_t kLanes = 32;       // two AVX-512 registers of float32: two independent sums
 constexpr int64_t kSegment = 1024;   // columns summed in lanes before a row's total
 constexpr int64_t kChunkRows = 64;   // rows whose column sums are accumulated in one partial
-// Partials start kSkew floats into their buffer and lie kStride floats apart, so
-// that a partial's column b never shares its address modulo 4 KiB with the
-// table's column b (an AMD or Intel core then stalls each load of a row behind
-// the stores to its partial: "4K aliasing"; measured 10% of a pass).
+// Partials start kSkew floats into their buffer and lie partial_stride(V) floats
+// apart, so that a partial's column b does not share its address modulo 4 KiB with
+// the table's column b (large buffers, XLA's and this vector's, start at or near a
+// page boundary; a core that sees the two alike stalls each load of a row behind
+// the stores to its partial, "4K aliasing": about 10% of a pass, measured).
 constexpr int64_t kSkew = 40;
 inline int64_t partial_stride(int64_t v) { return v + 56; }
 
