@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
@@ -288,6 +289,17 @@ def build_parser(*, with_tools: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+_DEFAULT_FORMAT = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """jaxjoint's own warnings as the one line they say ("jaxjoint: ..."), without
+    the file, line and source that Python prints for a programmer; others as usual."""
+    if str(message).startswith("jaxjoint: "):
+        return f"{message}\n"
+    return _DEFAULT_FORMAT(message, category, filename, lineno, line)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``jaxjoint`` command with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     from jaxjoint.run import distributed
@@ -295,6 +307,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # jaxjoint uses transformers for tokenizers only: its "PyTorch was not found" advice is noise here.
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.formatwarning = _one_line_warning
     try:
         args = build_parser(with_tools=argv[:1] == ["train-mlm"]).parse_args(argv)
         return args.func(args)

@@ -557,3 +557,12 @@ def test_the_hub_path_downloads_when_reachable_and_reads_the_cache_when_not(tmp_
     assert cached.returncode == 0 and cached.stdout.strip() == "99", cached.stderr
     gone = probe("someorg/never-fetched")
     assert gone.returncode == 1 and f"127.0.0.1:{port}: Connection refused; not in the local cache" in gone.stderr
+
+
+def test_jaxjoints_warnings_print_as_one_line():
+    """The command prints jaxjoint's own warnings (e.g. AG's CPU kernel falling back to
+    XLA's pass) as their one line; other packages' warnings keep Python's format."""
+    ours = cli._one_line_warning(RuntimeWarning("jaxjoint: no C++ compiler found"), RuntimeWarning, "x.py", 7, "src")
+    assert ours == "jaxjoint: no C++ compiler found\n"
+    theirs = cli._one_line_warning(UserWarning("something else"), UserWarning, "x.py", 7, "src")
+    assert "x.py:7" in theirs and "something else" in theirs
