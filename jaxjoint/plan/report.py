@@ -306,7 +306,8 @@ def format_plan(report: PlanReport) -> str:
     if worst.ag_bytes_per_iteration:
         compiled = "" if worst.ag_pass_bytes is None else (
             f", {_gib(worst.ag_pass_bytes)} compiled ({worst.ag_pass_bytes / worst.ag_bytes_per_iteration:.2f}x; "
-            "XLA's count of one pass, its costliest branch; the estimate prices AG passes at this)")
+            "XLA's count of one pass, its costliest branch, with a Pallas kernel's operands and results; "
+            "the estimate prices AG passes at this)")
         lines.append(f"AG pass: {_gib(worst.ag_bytes_per_iteration)} per device at the ideal (the local "
                      f"qA + qB table read once){compiled}")
     lines.append("fits" if report.fits else f"does not fit: {report.reason}")
