@@ -81,18 +81,20 @@ def hlo_cost_analysis(compiled: jax.stages.Compiled) -> dict[str, float]:
 
 
 def xla_cost(compiled: jax.stages.Compiled) -> dict[str, float]:
-    """``compiled.cost_analysis()``, or the HLO cost analysis where that is None; its
-    "bytes accessed" includes those of the program's Pallas kernels (``kernel_bytes``)."""
+    """``compiled.cost_analysis()``, or where that is None (GPUs) the HLO cost analysis,
+    whose "bytes accessed" then gains those of the program's Pallas kernels, which it
+    counts as 0 (``kernel_bytes``)."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # some plugins raise UNIMPLEMENTED instead of returning None
         cost = None
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else None
-    cost = {k: float(v) for k, v in cost.items()} if cost else hlo_cost_analysis(compiled)
-    extra = kernel_bytes(compiled.as_text())
-    if extra and "bytes accessed" in cost:
-        cost["bytes accessed"] += extra
+    if cost:
+        return {k: float(v) for k, v in cost.items()}
+    cost = hlo_cost_analysis(compiled)
+    if "bytes accessed" in cost:
+        cost["bytes accessed"] += kernel_bytes(compiled.as_text())
     return cost
 
 
