@@ -52,7 +52,7 @@ def pass_programs(tables, block_rows: int):
     """Jitted (kernel pass, XLA pass, bare read) on one device: ``ag.one_pass`` as AG's
     loop runs it, by jaxjoint's kernel and by XLA alone, and XLA's sum of the table
     (no arithmetic: what reading it costs); the passes take (log pA [V], log pB [V])
-    and returns (row lse, column lse). The table is built once, here."""
+    and return (row lse, column lse). The table is built once, here."""
     mesh = resolve_mesh(tables, None)
     norm_a, norm_b = normalisers(tables)
     fa, fb = tables.logits_a, tables.logits_b

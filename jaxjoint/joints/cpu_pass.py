@@ -123,10 +123,13 @@ def pass_sums(e: jax.Array, u: jax.Array, w: jax.Array, weight: jax.Array) -> tu
     """(row sums float32[n], weighted column sums float32[V]) of the cells
     ``x[a, b] = e[a, b] / (u[a] + w[b])``: ``x.sum(1)`` and ``(weight[:, None] * x).sum(0)``,
     in one read of e. e: float32[n, V]; u, weight: float32[n]; w: float32[V].
-    Call only where ``available()`` is True, on CPU.
+    On CPU; raises ``RuntimeError`` where the kernel is not ``available()``.
     """
+    if not available():  # (also what builds and registers it, on a first call)
+        raise RuntimeError("jaxjoint's AG CPU kernel is not available (JAXJOINT_CPU_KERNEL=off, or no build)")
     n, v = e.shape
-    # Results typed like e (under shard_map: varying over the devices, as e is).
+    # Results typed like e (under shard_map: varying over the devices, as e is). ffi_call
+    # takes e's own type; pallas_call wants a ShapeDtypeStruct instead (gpu_pass._typed_like).
     cells = jax.typeof(e)
     out = (cells.update(shape=(n,), dtype=jnp.float32), cells.update(shape=(v,), dtype=jnp.float32))
     return jax.ffi.ffi_call(TARGET, out)(e, u, w, weight)

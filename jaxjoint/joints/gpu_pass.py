@@ -77,4 +77,3 @@ def pass_sums(e: jax.Array, u: jax.Array, w: jax.Array, weight: jax.Array, *,
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=3),
     )(e, u, w, weight)
     return row_sum, partials.sum(axis=0)
-
